@@ -1,0 +1,165 @@
+"""AttnRes overhead against LlamaForCausalLM with identical dimensions, measured side by side.
+
+Defaults are SmolLM2-135M's dimensions (30 layers, hidden 576, 9/3 heads, intermediate 1536, vocab 49152)
+with random weights, CPU fp32, sdpa, batch 4 x 512. Timed runs are interleaved (Llama, block, full, Llama,
+...) so machine noise hits every model alike; the reported figure is the median. Peak memory of a training
+step is each model's peak RSS in a fresh subprocess (weights + activations + gradients), minus nothing.
+
+    python benchmarks/overhead.py                 # the full measurement (~10 min on 2 cores)
+    python benchmarks/overhead.py --quick         # smaller shapes, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+TARGETS = {"train_step": ("<=", 1.05), "prefill": ("<=", 1.03), "decode_tok_s": (">=", 0.97), "peak_mem": ("<=", 1.10)}
+
+
+def build(kind: str, args) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_attnres import AttnResConfig, AttnResForCausalLM
+
+    dims = dict(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**dims, attn_implementation="sdpa"))
+    else:
+        model = AttnResForCausalLM(AttnResConfig(**dims, attn_res_mode=kind, attn_implementation="sdpa"))
+        with torch.no_grad():  # trained-looking routing, not the uniform start
+            for name, p in model.named_parameters():
+                if name.endswith("pseudo_query"):
+                    p.normal_(0, 0.05)
+    return model
+
+
+def train_step(model, ids) -> float:
+    t = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def prefill(model, ids) -> float:
+    t = time.perf_counter()
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def decode_tok_s(model, prompt, new_tokens: int) -> float:
+    """Tokens/s of the decode phase alone (prefill excluded), greedy, batch 1."""
+    out = model(input_ids=prompt, use_cache=True)
+    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return new_tokens / (time.perf_counter() - t)
+
+
+def peak_rss_child(kind: str, argv: list[str]) -> float:
+    """Peak RSS (MB) of one training step in a fresh process, so models do not share an allocator."""
+    cmd = [sys.executable, __file__, *argv, "--child-peak-mem", kind]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def child_peak_mem(kind: str, args) -> None:
+    import resource
+
+    model = build(kind, args).train()
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    train_step(model, ids)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--heads", type=int, default=9)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per model (after one warm-up)")
+    p.add_argument("--modes", default="block,full", help="AttnRes modes to compare with Llama")
+    p.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--child-peak-mem", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:
+        args.layers, args.hidden, args.intermediate, args.vocab, args.seq, args.new_tokens = 6, 128, 256, 1000, 128, 16
+        args.heads, args.kv_heads, args.repeats = 4, 2, 2
+    if args.child_peak_mem:
+        return child_peak_mem(args.child_peak_mem, args)
+
+    kinds = ["llama", *args.modes.split(",")]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; dims: {args.layers} layers, hidden "
+          f"{args.hidden}, batch {args.batch} x {args.seq}, fp32, sdpa", flush=True)
+    models = {k: build(k, args) for k in kinds}
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    prompt = ids[:1, :32]
+    times = {k: {"train_step": [], "prefill": [], "decode_tok_s": []} for k in kinds}
+    for rep in range(args.repeats + 1):  # rep 0 warms up
+        for k in kinds:
+            m = models[k]
+            m.train()
+            ts = train_step(m, ids)
+            m.eval()
+            tp = prefill(m, ids)
+            td = decode_tok_s(m, prompt, args.new_tokens)
+            if rep:
+                times[k]["train_step"].append(ts)
+                times[k]["prefill"].append(tp)
+                times[k]["decode_tok_s"].append(td)
+            print(f"  rep {rep}{' (warm-up)' if not rep else ''} {k:6s} train {ts:7.3f}s  prefill {tp:6.3f}s  "
+                  f"decode {td:6.1f} tok/s", flush=True)
+    del models
+
+    argv = [a for a in sys.argv[1:] if not a.startswith("--json")]
+    peak = {k: [] for k in kinds}
+    for _ in range(2):  # interleaved too
+        for k in kinds:
+            peak[k].append(peak_rss_child(k, argv))
+    results = {}
+    print("\nmedians and ratios AttnRes / Llama (targets apply to block mode):")
+    for k in kinds:
+        med = {m: statistics.median(v) for m, v in times[k].items()}
+        med["peak_mem"] = min(peak[k])
+        results[k] = med
+    for k in kinds[1:]:
+        line = []
+        for metric, (op, target) in TARGETS.items():
+            r = results[k][metric] / results["llama"][metric]
+            ok = r <= target if op == "<=" else r >= target
+            results[k][f"{metric}_ratio"] = r
+            line.append(f"{metric} {r:.3f} ({op}{target} {'ok' if ok or k != 'block' else 'MISSED'})")
+        print(f"  {k:6s} " + "  ".join(line))
+    print("  absolute: " + "; ".join(
+        f"{k}: train {v['train_step']:.2f}s, prefill {v['prefill']:.2f}s, decode {v['decode_tok_s']:.1f} tok/s, "
+        f"peak {v['peak_mem']:.0f} MB" for k, v in results.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

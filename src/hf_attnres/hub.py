@@ -1,0 +1,100 @@
+"""Write model folders that load from the Hub without hf_attnres installed (``trust_remote_code=True``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_attnres.AttnResConfig",
+    "AutoModel": "modeling_attnres.AttnResModel",
+    "AutoModelForCausalLM": "modeling_attnres.AttnResForCausalLM",
+}
+CODE_FILES = ("configuration_attnres.py", "modeling_attnres.py")
+
+
+def _check_writable_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder: choose another output path.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} is not empty: choose another output path, or pass overwrite=True (--force).")
+
+
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
+    """Context manager yielding a temporary folder beside `path` that replaces `path` only on success.
+
+    A failure (or Ctrl-C) leaves `path` untouched and no half-written folder behind.
+    """
+    return _AtomicDir(Path(path), overwrite)
+
+
+class _AtomicDir:
+    def __init__(self, path: Path, overwrite: bool):
+        self.path, self.overwrite = path, overwrite
+
+    def __enter__(self) -> Path:
+        _check_writable_target(self.path, self.overwrite)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)
+
+
+def save_for_hub(
+    model: PreTrainedModel,
+    path: str | os.PathLike,
+    *,
+    tokenizer=None,
+    max_shard_size: str | int = "2GB",
+    model_card: str | None = None,
+    overwrite: bool = False,
+    save_function=None,
+    state_dict: dict | None = None,
+) -> Path:
+    """Save an AttnRes model as a self-contained Hub folder.
+
+    The folder holds `config.json` with `auto_map` (AutoConfig, AutoModel, AutoModelForCausalLM), the two
+    code files, safetensors weights sharded at `max_shard_size` (Hub-friendly, unlike the 50GB default),
+    the generation config, the tokenizer when given, and `README.md` when `model_card` is given. It is
+    written to a temporary folder and renamed when complete. `save_function` and `state_dict` are passed to
+    `save_pretrained` (e.g. `accelerator.save` and `accelerator.get_state_dict(model)` under FSDP).
+    """
+    if getattr(model.config, "model_type", None) != "attnres":
+        raise TypeError(
+            f"save_for_hub expects an AttnRes model, got model_type={getattr(model.config, 'model_type', None)!r}; "
+            "convert a Llama-family checkpoint first (hf-attnres convert)."
+        )
+    type(model.config).register_for_auto_class("AutoConfig")
+    type(model).register_for_auto_class("AutoModelForCausalLM" if hasattr(model, "lm_head") else "AutoModel")
+    model.config.auto_map = dict(AUTO_MAP)
+    kwargs = {"max_shard_size": max_shard_size}
+    if save_function is not None:
+        kwargs["save_function"] = save_function
+    if state_dict is not None:
+        kwargs["state_dict"] = state_dict
+    path = Path(path)
+    with atomic_output_dir(path, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, **kwargs)
+        missing = [f for f in CODE_FILES if not (tmp / f).is_file()]
+        if missing:
+            raise RuntimeError(f"save_pretrained did not copy {missing}; the folder would not load remotely.")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if model_card is not None:
+            (tmp / "README.md").write_text(model_card, encoding="utf-8")
+    return path

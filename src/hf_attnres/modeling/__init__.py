@@ -1,0 +1,25 @@
+"""Hub-portable AttnRes config and model (these two files are copied into saved model folders)."""
+
+from .configuration_attnres import ATTNRES_VERSION, AttnResConfig, default_block_size
+from .modeling_attnres import (
+    ATTN_RES_MODULE_NAMES,
+    AttnResDecoderLayer,
+    AttnResForCausalLM,
+    AttnResidual,
+    AttnResModel,
+    AttnResPreTrainedModel,
+    depth_attention,
+)
+
+__all__ = [
+    "ATTNRES_VERSION",
+    "ATTN_RES_MODULE_NAMES",
+    "AttnResConfig",
+    "AttnResDecoderLayer",
+    "AttnResForCausalLM",
+    "AttnResidual",
+    "AttnResModel",
+    "AttnResPreTrainedModel",
+    "default_block_size",
+    "depth_attention",
+]

@@ -1,0 +1,413 @@
+"""Attention Residuals (AttnRes; Kimi Team, arXiv 2603.15031) for transformers.
+
+A standard PreNorm decoder adds every sublayer output into one running sum with weight 1. AttnRes replaces
+that sum with softmax attention over depth: before each attention or MLP sublayer l, a learned pseudo-query
+w_l attends over earlier sources v_i,
+
+    alpha_{i->l} = softmax_i( w_l . RMSNorm(v_i) ),        h_l = sum_i alpha_{i->l} v_i,
+
+where the sources are the token embedding and every earlier sublayer output (Full AttnRes) or the block
+sums of those outputs (Block AttnRes). Everything else is the Llama decoder, reused from transformers.
+
+Hub-portable: imports only torch, transformers, the standard library and the config file beside it.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+from transformers.models.mistral.modeling_mistral import MistralAttention
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+from transformers.utils import logging
+
+from .configuration_attnres import AttnResConfig
+
+logger = logging.get_logger(__name__)
+
+# Attention module of each supported family; MLP, RMSNorm and rotary embedding are Llama's in all of them.
+ATTENTION_CLASSES: dict[str, type[nn.Module]] = {
+    "llama": LlamaAttention,
+    "mistral": MistralAttention,
+    "qwen2": Qwen2Attention,
+    "qwen3": Qwen3Attention,
+}
+
+# Child modules holding every AttnRes parameter (pseudo-queries and key norms), e.g. for PEFT's modules_to_save.
+ATTN_RES_MODULE_NAMES = ["self_attn_res", "mlp_res", "final_res"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Depth attention (spec §2)
+# --------------------------------------------------------------------------------------------------------
+class _QueryDotNormalizedKey(torch.autograd.Function):
+    """`q . v / rms(v)` per token, computed in fp32.
+
+    Keeps only `v` itself for backward (it is alive anyway as a source), never an fp32 or normalised copy,
+    so the depth attention adds no activation memory per source, in bf16 as in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, query: torch.Tensor, eps: float) -> torch.Tensor:
+        value32 = value.float()
+        dot = value32 @ query
+        inv_rms = torch.rsqrt(value32.pow(2).mean(-1) + eps)
+        ctx.save_for_backward(value, query, dot, inv_rms)
+        return dot * inv_rms
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        value, query, dot, inv_rms = ctx.saved_tensors
+        value32 = value.float()
+        grad_dot = grad * inv_rms
+        # d(dot * inv_rms)/dv = inv_rms * q - dot * inv_rms^3 * v / d
+        grad_rms = -(grad * dot * inv_rms.pow(3)) / value.shape[-1]
+        grad_value = torch.addcmul(grad_dot[..., None] * query, grad_rms[..., None], value32)
+        grad_query = grad_dot.reshape(1, -1) @ value32.reshape(-1, value.shape[-1])
+        return grad_value.to(value.dtype), grad_query.reshape(query.shape), None
+
+
+def depth_attention(
+    pseudo_query: torch.Tensor, key_norm: LlamaRMSNorm, sources: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha_i = softmax_i(w . RMSNorm(v_i)) over the sources; returns h = sum_i alpha_i v_i and alpha.
+
+    RMSNorm(v) = gamma * v / rms(v), so w . RMSNorm(v) = (w * gamma) . v / rms(v): the key norm's weight
+    folds into the query and normalised keys are never materialised. Logits and softmax are fp32 whatever
+    the model dtype; the values stay raw (un-normalised), as in the paper.
+    """
+    query = pseudo_query.float() * key_norm.weight.float()
+    logits = torch.stack(
+        [_QueryDotNormalizedKey.apply(v, query, key_norm.variance_epsilon) for v in sources], dim=-1
+    )
+    alpha = logits.softmax(dim=-1)
+    weights = alpha.to(sources[0].dtype)
+    h = weights[..., 0, None] * sources[0]
+    for i in range(1, len(sources)):
+        h = torch.addcmul(h, weights[..., i, None], sources[i])
+    return h, alpha
+
+
+class AttnResidual(nn.Module):
+    """The attention residual in front of one sublayer: its pseudo-query w_l and its key RMSNorm.
+
+    w_l starts at zero (the paper's initialisation), so the first weights are uniform over the sources.
+    """
+
+    def __init__(self, config: AttnResConfig):
+        super().__init__()
+        self.pseudo_query = nn.Parameter(torch.zeros(config.hidden_size))
+        self.key_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return depth_attention(self.pseudo_query, self.key_norm, sources)
+
+
+def _reading_norm(config: AttnResConfig, sublayer: int) -> LlamaRMSNorm:
+    """RMSNorm that reads the depth-attention output before `sublayer` (spec §4).
+
+    With zero queries that output is the standard residual stream divided by n (the number of sources),
+    and RMSNorm_eps(x / n) = RMSNorm_{eps n^2}(x): dividing eps by n^2 makes a converted Llama exact.
+    """
+    eps = config.rms_norm_eps
+    if config.attn_res_mode != "none" and config.attn_res_scale_norm_eps:
+        eps = eps / config.num_sources(sublayer) ** 2
+    return LlamaRMSNorm(config.hidden_size, eps=eps)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decoder layer: the paper's layer pseudocode, with Llama's attention, MLP and norms
+# --------------------------------------------------------------------------------------------------------
+class AttnResDecoderLayer(GradientCheckpointingLayer):
+    """One decoder layer = two sublayers (attention, MLP), each preceded by depth attention.
+
+    The depth state is `sources = (b_0, ..., b_{n-1}, partial)`: completed block representations (b_0 is
+    the embedding) and the running partial sum of the current block. With standard residuals (`"none"`)
+    there are no blocks and `partial` is the ordinary residual stream.
+    """
+
+    def __init__(self, config: AttnResConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = ATTENTION_CLASSES[config.attn_res_backbone](config=config, layer_idx=layer_idx)
+        self.mlp = LlamaMLP(config)
+        attn_sublayer, mlp_sublayer = 2 * layer_idx, 2 * layer_idx + 1
+        self.input_layernorm = _reading_norm(config, attn_sublayer)
+        self.post_attention_layernorm = _reading_norm(config, mlp_sublayer)
+        if config.attn_res_mode != "none":
+            self.self_attn_res = AttnResidual(config)
+            self.mlp_res = AttnResidual(config)
+        else:
+            self.self_attn_res = self.mlp_res = None
+        self.block_starts = (config.starts_block(attn_sublayer), config.starts_block(mlp_sublayer))
+
+    @staticmethod
+    def _sublayer_input(attn_res: AttnResidual | None, blocks: list, partial: torch.Tensor):
+        if attn_res is None:  # standard residual: the sublayer reads the running sum itself
+            return partial, None
+        return attn_res(blocks + [partial])
+
+    def forward(
+        self,
+        *sources: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, tuple]:
+        blocks, partial = list(sources[:-1]), sources[-1]
+
+        # attention sublayer: h = AttnRes(blocks, partial); at a block boundary the partial sum is closed
+        h, attn_alpha = self._sublayer_input(self.self_attn_res, blocks, partial)
+        if self.block_starts[0]:
+            blocks, partial = blocks + [partial], None
+        attn_out, attn_weights = self.self_attn(
+            hidden_states=self.input_layernorm(h),
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        partial = attn_out if partial is None else partial + attn_out
+
+        # MLP sublayer, the same way
+        h, mlp_alpha = self._sublayer_input(self.mlp_res, blocks, partial)
+        if self.block_starts[1]:
+            blocks, partial = blocks + [partial], None
+        mlp_out = self.mlp(self.post_attention_layernorm(h))
+        partial = mlp_out if partial is None else partial + mlp_out
+
+        return (*blocks, partial), attn_weights, (attn_alpha, mlp_alpha)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class AttnResModelOutput(BaseModelOutputWithPast):
+    r"""
+    depth_attentions (`tuple(torch.FloatTensor)`, returned with `output_depth_attentions=True`):
+        The depth-attention weights alpha (fp32), one tensor of shape `(batch, seq_len, num_sources)` per
+        sublayer in order (layer 0 attention, layer 0 MLP, layer 1 attention, ...) and one last for the final
+        aggregation before the final norm. `config.source_names(i)` names the sources of entry `i`.
+        Empty with standard residuals.
+    """
+
+    depth_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class AttnResCausalLMOutput(CausalLMOutputWithPast):
+    r"""
+    depth_attentions (`tuple(torch.FloatTensor)`, returned with `output_depth_attentions=True`):
+        See [`AttnResModelOutput`].
+    """
+
+    depth_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------
+class AttnResPreTrainedModel(PreTrainedModel):
+    config_class = AttnResConfig
+    config: AttnResConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AttnResDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, AttnResidual):
+            init.zeros_(module.pseudo_query)  # uniform depth weights at start, also for converted checkpoints
+
+
+class AttnResModel(AttnResPreTrainedModel):
+    def __init__(self, config: AttnResConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [AttnResDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.final_res = AttnResidual(config) if config.attn_res_mode != "none" else None
+        self.norm = _reading_norm(config, config.num_sublayers)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _masks(self, attention_mask, inputs_embeds, past_key_values, position_ids) -> dict:
+        if isinstance(attention_mask, dict):  # already prepared, e.g. by generate()
+            return attention_mask
+        kwargs = dict(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        masks = {"full_attention": create_causal_mask(**kwargs)}
+        if "sliding_attention" in self.config.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return masks
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_depth_attentions: bool = False,
+        **kwargs,
+    ) -> AttnResModelOutput:
+        """Like `LlamaModel.forward`, plus `output_depth_attentions` (see [`AttnResModelOutput`]).
+
+        `hidden_states[t]` is the sum of the depth sources entering layer t (the ordinary residual stream
+        with `"none"`, and what it would be with zero pseudo-queries otherwise); the last entry is the
+        final normalised output, as in Llama.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+
+        masks = self._masks(attention_mask, inputs_embeds, past_key_values, position_ids)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+
+        sources: tuple[torch.Tensor, ...] = (inputs_embeds,)
+        all_hidden, all_attn, depth = [], [], []
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            if output_hidden_states:
+                all_hidden.append(sources[0] if len(sources) == 1 else torch.stack(sources).sum(0))
+            sources, attn_weights, alphas = layer(
+                *sources,
+                attention_mask=masks[self.config.layer_types[layer.layer_idx]],
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            all_attn.append(attn_weights)
+            depth.extend(a for a in alphas if a is not None)
+
+        if self.final_res is None:
+            hidden_states = sources[-1]
+        else:
+            hidden_states, final_alpha = self.final_res(list(sources))
+            depth.append(final_alpha)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+
+        return AttnResModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+            depth_attentions=tuple(depth) if output_depth_attentions else None,
+        )
+
+
+class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: AttnResConfig):
+        super().__init__(config)
+        self.model = AttnResModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_depth_attentions: bool = False,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AttnResCausalLMOutput | tuple:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_depth_attentions=output_depth_attentions,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        output = AttnResCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            depth_attentions=outputs.depth_attentions,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+__all__ = [
+    "AttnResForCausalLM",
+    "AttnResModel",
+    "AttnResPreTrainedModel",
+    "AttnResDecoderLayer",
+    "AttnResidual",
+    "depth_attention",
+]
