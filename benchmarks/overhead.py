@@ -101,6 +101,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per model (after one warm-up)")
     p.add_argument("--modes", default="block,full", help="AttnRes modes to compare with Llama")
+    p.add_argument("--metrics", default="train_step,prefill,decode_tok_s,peak_mem", help="subset to measure")
     p.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child-peak-mem", help=argparse.SUPPRESS)
@@ -112,6 +113,7 @@ def main() -> None:
         return child_peak_mem(args.child_peak_mem, args)
 
     kinds = ["llama", *args.modes.split(",")]
+    metrics = set(args.metrics.split(","))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; dims: {args.layers} layers, hidden "
           f"{args.hidden}, batch {args.batch} x {args.seq}, fp32, sdpa", flush=True)
     models = {k: build(k, args) for k in kinds}
@@ -122,10 +124,10 @@ def main() -> None:
         for k in kinds:
             m = models[k]
             m.train()
-            ts = train_step(m, ids)
+            ts = train_step(m, ids) if "train_step" in metrics else float("nan")
             m.eval()
-            tp = prefill(m, ids)
-            td = decode_tok_s(m, prompt, args.new_tokens)
+            tp = prefill(m, ids) if "prefill" in metrics else float("nan")
+            td = decode_tok_s(m, prompt, args.new_tokens) if "decode_tok_s" in metrics else float("nan")
             if rep:
                 times[k]["train_step"].append(ts)
                 times[k]["prefill"].append(tp)
@@ -136,14 +138,14 @@ def main() -> None:
 
     argv = [a for a in sys.argv[1:] if not a.startswith("--json")]
     peak = {k: [] for k in kinds}
-    for _ in range(2):  # interleaved too
+    for _ in range(2 if "peak_mem" in metrics else 0):  # interleaved too
         for k in kinds:
             peak[k].append(peak_rss_child(k, argv))
     results = {}
     print("\nmedians and ratios AttnRes / Llama (targets apply to block mode):")
     for k in kinds:
         med = {m: statistics.median(v) for m, v in times[k].items()}
-        med["peak_mem"] = min(peak[k])
+        med["peak_mem"] = min(peak[k], default=float("nan"))
         results[k] = med
     for k in kinds[1:]:
         line = []

@@ -54,25 +54,31 @@ ATTN_RES_MODULE_NAMES = ["self_attn_res", "mlp_res", "final_res"]
 # --------------------------------------------------------------------------------------------------------
 # Depth attention (spec §2)
 # --------------------------------------------------------------------------------------------------------
-class _QueryDotNormalizedKey(torch.autograd.Function):
-    """`q . v / rms(v)` per token, computed in fp32.
+def _query_dot_normalized_key(value: torch.Tensor, query: torch.Tensor, eps: float):
+    """(q . v / rms(v), q . v, 1 / rms(v)) per token, in the query's dtype (fp32, or fp64)."""
+    value32 = value.to(query.dtype)
+    dot = value32 @ query
+    inv_rms = torch.rsqrt(torch.linalg.vector_norm(value32, dim=-1).square() / value.shape[-1] + eps)
+    return dot * inv_rms, dot, inv_rms
 
-    Keeps only `v` itself for backward (it is alive anyway as a source), never an fp32 or normalised copy,
-    so the depth attention adds no activation memory per source, in bf16 as in fp32.
+
+class _QueryDotNormalizedKey(torch.autograd.Function):
+    """Autograd for `_query_dot_normalized_key` that keeps only `v` itself for backward.
+
+    `v` is alive anyway as a source, so no fp32 or normalised copy is kept: the depth attention adds no
+    activation memory per source, in bf16 as in fp32.
     """
 
     @staticmethod
     def forward(ctx, value: torch.Tensor, query: torch.Tensor, eps: float) -> torch.Tensor:
-        value32 = value.float()
-        dot = value32 @ query
-        inv_rms = torch.rsqrt(value32.pow(2).mean(-1) + eps)
+        logit, dot, inv_rms = _query_dot_normalized_key(value, query, eps)
         ctx.save_for_backward(value, query, dot, inv_rms)
-        return dot * inv_rms
+        return logit
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         value, query, dot, inv_rms = ctx.saved_tensors
-        value32 = value.float()
+        value32 = value.to(query.dtype)
         grad_dot = grad * inv_rms
         # d(dot * inv_rms)/dv = inv_rms * q - dot * inv_rms^3 * v / d
         grad_rms = -(grad * dot * inv_rms.pow(3)) / value.shape[-1]
@@ -90,15 +96,21 @@ def depth_attention(
     folds into the query and normalised keys are never materialised. Logits and softmax are fp32 whatever
     the model dtype; the values stay raw (un-normalised), as in the paper.
     """
-    query = pseudo_query.float() * key_norm.weight.float()
-    logits = torch.stack(
-        [_QueryDotNormalizedKey.apply(v, query, key_norm.variance_epsilon) for v in sources], dim=-1
-    )
-    alpha = logits.softmax(dim=-1)
-    weights = alpha.to(sources[0].dtype)
-    h = weights[..., 0, None] * sources[0]
+    dtype = torch.promote_types(sources[0].dtype, torch.float32)  # fp32 under bf16/fp16
+    query = pseudo_query.to(dtype) * key_norm.weight.to(dtype)
+    eps = key_norm.variance_epsilon
+    if torch.is_grad_enabled():
+        logits = [_QueryDotNormalizedKey.apply(v, query, eps) for v in sources]
+    else:
+        logits = [_query_dot_normalized_key(v, query, eps)[0] for v in sources]
+    alpha = torch.stack(logits, dim=-1).softmax(dim=-1)
+    weights = alpha.to(sources[0].dtype)[..., None]
+    h = weights[..., 0, :] * sources[0]
     for i in range(1, len(sources)):
-        h = torch.addcmul(h, weights[..., i, None], sources[i])
+        if torch.is_grad_enabled():
+            h = torch.addcmul(h, weights[..., i, :], sources[i])
+        else:  # inference: accumulate in place, no new buffer per source
+            h.addcmul_(weights[..., i, :], sources[i])
     return h, alpha
 
 

@@ -1,0 +1,169 @@
+"""The model against a literal, independent transcription of the paper's equations (spec §2-§3).
+
+The transcription below shares nothing with the model's depth-attention code: it lists every sublayer
+output, forms the sources from the spec's definitions (embedding; block sums of outputs; the partial sum
+of the current block from its second sublayer on), normalises keys with a hand-written RMSNorm, and takes a
+plain softmax. Only the sublayers themselves (attention and MLP with their input norms) are the model's.
+"""
+
+import math
+
+import pytest
+import torch
+
+from _tiny import tiny_attnres, token_ids
+
+
+def rmsnorm(x, weight, eps):
+    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def attn_res(query, key_weight, eps, sources):
+    """alpha_i = softmax_i(w . RMSNorm(v_i));  h = sum_i alpha_i v_i."""
+    logits = torch.stack([(rmsnorm(v, key_weight, eps) * query).sum(-1) for v in sources], dim=-1)
+    alpha = torch.softmax(logits, dim=-1)
+    return sum(alpha[..., i, None] * v for i, v in enumerate(sources)), alpha
+
+
+def sources_for(sublayer, outputs, embedding, block_size):
+    """Spec §3: [b_0, ..., b_{n-1}] (+ the partial b_n^{i-1} unless `sublayer` opens block n)."""
+    n = sublayer // block_size  # 0-based block of this sublayer
+    blocks = [sum(outputs[j * block_size:(j + 1) * block_size]) for j in range(n)]
+    within = sublayer - n * block_size
+    partial = [sum(outputs[n * block_size:sublayer])] if within > 0 else []
+    return [embedding, *blocks, *partial]
+
+
+def reference_logits(model, input_ids, block_size, scale_eps):
+    """Logits of the AttnRes equations; block_size=1 is Full AttnRes (every output its own source)."""
+    cfg, base = model.config, model.model
+    eps = cfg.rms_norm_eps
+    embedding = base.embed_tokens(input_ids)
+    position_ids = torch.arange(input_ids.shape[1])[None]
+    rope = base.rotary_emb(embedding, position_ids)
+    outputs = []
+    L = 2 * cfg.num_hidden_layers
+    for sublayer in range(L):
+        layer = base.layers[sublayer // 2]
+        res = layer.self_attn_res if sublayer % 2 == 0 else layer.mlp_res
+        sources = sources_for(sublayer, outputs, embedding, block_size)
+        h, _ = attn_res(res.pseudo_query, res.key_norm.weight, eps, sources)
+        norm = layer.input_layernorm if sublayer % 2 == 0 else layer.post_attention_layernorm
+        norm_eps = eps / len(sources) ** 2 if scale_eps else eps
+        x = rmsnorm(h, norm.weight, norm_eps)
+        out = layer.self_attn(x, position_embeddings=rope, attention_mask=None)[0] if sublayer % 2 == 0 else layer.mlp(x)
+        outputs.append(out)
+    n_blocks = math.ceil(L / block_size)
+    final_sources = [embedding] + [sum(outputs[j * block_size:(j + 1) * block_size]) for j in range(n_blocks)]
+    h, _ = attn_res(base.final_res.pseudo_query, base.final_res.key_norm.weight, eps, final_sources)
+    norm_eps = eps / len(final_sources) ** 2 if scale_eps else eps
+    return model.lm_head(rmsnorm(h, base.norm.weight, norm_eps))
+
+
+CASES = {
+    # name: (mode, layers, block size, expected number of blocks N)
+    "full": ("full", 3, 1, 6),
+    "block divides depth": ("block", 4, 4, 2),
+    "block, last block holds the rest": ("block", 5, 4, 3),
+    "N=1 (one block)": ("block", 3, 6, 1),
+    "N=1 (size beyond depth)": ("block", 2, 8, 1),
+}
+
+
+@pytest.mark.parametrize("scale_eps", [False, True], ids=["paper-eps", "scaled-eps"])
+@pytest.mark.parametrize("case", list(CASES))
+@torch.no_grad()
+def test_model_matches_equations(case, scale_eps):
+    mode, layers, size, n_blocks = CASES[case]
+    extra = {"attn_res_block_size": size} if mode == "block" else {}
+    model = tiny_attnres(mode, num_hidden_layers=layers, attn_res_scale_norm_eps=scale_eps,
+                         attn_implementation="sdpa", **extra)
+    assert model.config.num_blocks == n_blocks
+    ids = token_ids()
+    expected = reference_logits(model, ids, size, scale_eps)
+    got = model(ids).logits
+    # fp32 rounding of two different summation orders; the logits are O(1)
+    assert (got - expected).abs().max() < 2e-5
+    # and the routing really is non-uniform, so the test can tell sources apart
+    alphas = model(ids, output_depth_attentions=True).depth_attentions
+    assert max(a.max().item() - a.min().item() for a in alphas if a.shape[-1] > 1) > 0.1
+
+
+@torch.no_grad()
+def test_full_is_block_with_one_sublayer_per_block():
+    """N = L: the Block equations with S = 1 are Full AttnRes, and so is the model in full mode."""
+    model = tiny_attnres("full")
+    ids = token_ids()
+    full = reference_logits(model, ids, 1, True)
+    # an independent Full transcription: sources are the embedding and each earlier output (spec §2)
+    cfg, base = model.config, model.model
+    emb = base.embed_tokens(ids)
+    rope = base.rotary_emb(emb, torch.arange(ids.shape[1])[None])
+    values = [emb]
+    for sublayer in range(2 * cfg.num_hidden_layers):
+        layer = base.layers[sublayer // 2]
+        res = layer.self_attn_res if sublayer % 2 == 0 else layer.mlp_res
+        h, _ = attn_res(res.pseudo_query, res.key_norm.weight, cfg.rms_norm_eps, values)
+        eps = cfg.rms_norm_eps / len(values) ** 2
+        if sublayer % 2 == 0:
+            values.append(layer.self_attn(rmsnorm(h, layer.input_layernorm.weight, eps), position_embeddings=rope,
+                                          attention_mask=None)[0])
+        else:
+            values.append(layer.mlp(rmsnorm(h, layer.post_attention_layernorm.weight, eps)))
+    h, _ = attn_res(base.final_res.pseudo_query, base.final_res.key_norm.weight, cfg.rms_norm_eps, values)
+    direct = model.lm_head(rmsnorm(h, base.norm.weight, cfg.rms_norm_eps / len(values) ** 2))
+    assert (full - direct).abs().max() < 2e-5
+    assert (model(ids).logits - direct).abs().max() < 2e-5
+
+
+@torch.no_grad()
+def test_depth_weights_match_equations():
+    """The returned depth-attention weights are the transcription's alphas, sublayer by sublayer."""
+    model = tiny_attnres("block", num_hidden_layers=4, attn_res_block_size=4)
+    ids = token_ids()
+    out = model(ids, output_depth_attentions=True)
+    cfg = model.config
+    assert len(out.depth_attentions) == cfg.num_sublayers + 1
+    for i, alpha in enumerate(out.depth_attentions):
+        assert alpha.shape == (*ids.shape, cfg.num_sources(i))
+        assert alpha.dtype == torch.float32
+        torch.testing.assert_close(alpha.sum(-1), torch.ones(ids.shape))
+    # sublayer 0 sees only the embedding; the first MLP sees the embedding and the partial block
+    assert out.depth_attentions[0].shape[-1] == 1 and out.depth_attentions[1].shape[-1] == 2
+    # final aggregation, recomputed from the transcription's sources
+    emb = model.model.embed_tokens(ids)
+    hs = model(ids, output_hidden_states=True).hidden_states
+    assert len(hs) == cfg.num_hidden_layers + 1 and torch.equal(hs[0], emb)
+
+
+def test_depth_attention_backward_matches_autograd_of_transcription():
+    """The hand-written backward of the depth-attention logits against autograd of the plain formula."""
+    from hf_attnres.modeling.modeling_attnres import AttnResidual
+
+    torch.manual_seed(0)
+    model = tiny_attnres("block")
+    res = AttnResidual(model.config)
+    with torch.no_grad():
+        res.pseudo_query.normal_()
+        res.key_norm.weight.uniform_(0.5, 1.5)
+    sources = [torch.randn(2, 5, 64, requires_grad=True) for _ in range(4)]
+    h, _ = res(sources)
+    grad_out = torch.randn_like(h)
+    got = torch.autograd.grad(h, [*sources, res.pseudo_query, res.key_norm.weight], grad_out)
+    ref_h, _ = attn_res(res.pseudo_query, res.key_norm.weight, res.key_norm.variance_epsilon, sources)
+    expected = torch.autograd.grad(ref_h, [*sources, res.pseudo_query, res.key_norm.weight], grad_out)
+    torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-6)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_depth_attention_gradcheck_float64():
+    """The custom autograd function passes torch's finite-difference gradcheck (in fp64)."""
+    from hf_attnres.modeling.modeling_attnres import _QueryDotNormalizedKey
+
+    torch.manual_seed(0)
+    v = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    ref = (v @ q) * torch.rsqrt(v.pow(2).mean(-1) + 1e-5)
+    torch.testing.assert_close(_QueryDotNormalizedKey.apply(v, q, 1e-5), ref)
+    assert torch.autograd.gradcheck(lambda v, q: _QueryDotNormalizedKey.apply(v, q, 1e-5), (v, q))
