@@ -7,7 +7,7 @@ folder and loaded with ``trust_remote_code=True`` without hf_attnres installed.
 import math
 import warnings
 
-from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import strict  # huggingface_hub's strict dataclasses, as transformers uses them
 from transformers.models.llama.configuration_llama import LlamaConfig
 
 # Version of the AttnRes config/weight format written by this code. Bump it when a saved model would mean

@@ -1,0 +1,95 @@
+"""Generation: caches, incremental decoding, left padding, logits_to_keep, loss.
+
+References: the same model without a cache (or on the full sequence), each row generated alone, and
+for the loss a hand-written shifted cross-entropy.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, StaticCache
+
+from _tiny import tiny_attnres, token_ids
+
+MODES = ["block", "full", "none"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@torch.no_grad()
+def test_greedy_with_cache_equals_without(mode):
+    model = tiny_attnres(mode)
+    ids = token_ids(batch=1, seq=6)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(ids, use_cache=True, **kw)
+    without = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(with_cache, without)
+    assert with_cache.shape[1] == 18
+
+
+@pytest.mark.parametrize("mode", MODES)
+@torch.no_grad()
+def test_incremental_decoding_equals_full_sequence(mode):
+    model = tiny_attnres(mode)
+    ids = token_ids(batch=2, seq=10)
+    full = model(ids).logits
+    cache = DynamicCache(config=model.config)
+    step = model(ids[:, :4], past_key_values=cache, use_cache=True).logits
+    pieces = [step]
+    for t in range(4, 10):
+        pieces.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_static_cache_generation_equals_dynamic():
+    model = tiny_attnres("block")
+    ids = token_ids(batch=1, seq=5)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(ids, **kw)
+    static = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(static, dynamic)
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    first = model(ids, past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(first, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["block", "full"])
+@torch.no_grad()
+def test_left_padded_batch_equals_rows_alone(mode):
+    model = tiny_attnres(mode)
+    a, b = token_ids(batch=1, seq=7, seed=1)[0], token_ids(batch=1, seq=4, seed=2)[0]
+    pad = 0
+    batch = torch.stack([a, torch.cat([torch.full((3,), pad), b])])
+    mask = torch.stack([torch.ones(7, dtype=torch.long), torch.cat([torch.zeros(3), torch.ones(4)]).long()])
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=pad)
+    together = model.generate(batch, attention_mask=mask, **kw)
+    alone_a = model.generate(a[None], **kw)
+    alone_b = model.generate(b[None], **kw)
+    assert torch.equal(together[0, 7:], alone_a[0, 7:])
+    assert torch.equal(together[1, 7:], alone_b[0, 4:])
+
+
+@torch.no_grad()
+def test_logits_to_keep():
+    model = tiny_attnres("block")
+    ids = token_ids()
+    full = model(ids).logits
+    last = model(ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, model.config.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:])
+    assert torch.equal(model(ids, logits_to_keep=0).logits, full)
+
+
+def test_loss_is_shifted_cross_entropy_and_honours_num_items():
+    model = tiny_attnres("block")
+    ids = token_ids(seq=12)
+    labels = ids.clone()
+    labels[0, :5] = -100  # ignored positions
+    out = model(input_ids=ids, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, model.config.vocab_size)
+    expected = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    # gradient-accumulation normalisation: a sum over tokens divided by the given count
+    n = 50
+    summed = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum") / n
+    torch.testing.assert_close(model(input_ids=ids, labels=labels, num_items_in_batch=n).loss, summed)
