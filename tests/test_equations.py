@@ -70,10 +70,19 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["stacked", "per-source"])
+def inference_path(request, monkeypatch):
+    """Both inference code paths: sources stacked (decoding-sized inputs) or handled one by one."""
+    from hf_attnres.modeling import modeling_attnres
+
+    monkeypatch.setattr(modeling_attnres, "STACKED_MAX_TOKENS", 10**9 if request.param == "stacked" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("scale_eps", [False, True], ids=["paper-eps", "scaled-eps"])
 @pytest.mark.parametrize("case", list(CASES))
 @torch.no_grad()
-def test_model_matches_equations(case, scale_eps):
+def test_model_matches_equations(case, scale_eps, inference_path):
     mode, layers, size, n_blocks = CASES[case]
     extra = {"attn_res_block_size": size} if mode == "block" else {}
     model = tiny_attnres(mode, num_hidden_layers=layers, attn_res_scale_norm_eps=scale_eps,
@@ -114,6 +123,15 @@ def test_full_is_block_with_one_sublayer_per_block():
     direct = model.lm_head(rmsnorm(h, base.norm.weight, cfg.rms_norm_eps / len(values) ** 2))
     assert (full - direct).abs().max() < 2e-5
     assert (model(ids).logits - direct).abs().max() < 2e-5
+
+
+def test_training_path_matches_equations():
+    """With autograd on (the memory-lean custom-function path) the forward is the same function."""
+    model = tiny_attnres("block", num_hidden_layers=5, attn_res_block_size=4)
+    ids = token_ids()
+    with torch.no_grad():
+        expected = reference_logits(model, ids, 4, True)
+    assert (model(ids).logits - expected).abs().max() < 2e-5
 
 
 @torch.no_grad()

@@ -54,6 +54,10 @@ ATTN_RES_MODULE_NAMES = ["self_attn_res", "mlp_res", "final_res"]
 # --------------------------------------------------------------------------------------------------------
 # Depth attention (spec §2)
 # --------------------------------------------------------------------------------------------------------
+# Inference on at most this many tokens (decoding) stacks the sources; larger inputs go source by source.
+STACKED_MAX_TOKENS = 64
+
+
 def _query_dot_normalized_key(value: torch.Tensor, query: torch.Tensor, eps: float):
     """(q . v / rms(v), q . v, 1 / rms(v)) per token, in the query's dtype (fp32, or fp64)."""
     value32 = value.to(query.dtype)
@@ -99,6 +103,11 @@ def depth_attention(
     dtype = torch.promote_types(sources[0].dtype, torch.float32)  # fp32 under bf16/fp16
     query = pseudo_query.to(dtype) * key_norm.weight.to(dtype)
     eps = key_norm.variance_epsilon
+    if not torch.is_grad_enabled() and sources[0][..., 0].numel() <= STACKED_MAX_TOKENS:
+        # decoding: a handful of tokens, so the number of ops is the cost, not memory: stack once
+        values = torch.stack(sources, dim=-2)
+        alpha = _query_dot_normalized_key(values, query, eps)[0].softmax(dim=-1)
+        return (alpha.to(values.dtype).unsqueeze(-2) @ values).squeeze(-2), alpha
     if torch.is_grad_enabled():
         logits = [_QueryDotNormalizedKey.apply(v, query, eps) for v in sources]
     else:
