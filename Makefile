@@ -4,6 +4,9 @@ VENV ?= .venv
 # The CPU build of torch 2.13 (on these machines it comes from local disk); override for a CUDA build.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# The oldest supported transformers (setup.cfg), installed beside the venv to test that Hub folders load with it.
+COMPAT := $(VENV)/compat-transformers
+COMPAT_VERSION := $(shell sed -n 's/.*transformers>=\([0-9.]*\).*/\1/p' setup.cfg)
 
 .PHONY: setup run test bench clean
 
@@ -14,13 +17,17 @@ $(BIN)/hf-attnres: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+$(COMPAT)/.done: $(BIN)/hf-attnres
+	rm -rf $(COMPAT) && $(BIN)/python -m pip install -q --target $(COMPAT) "transformers==$(COMPAT_VERSION)"
+	touch $@
+
 setup: $(BIN)/hf-attnres
 
 run: setup  ## the main job on the embedded default
 	$(BIN)/hf-attnres demo --force
 
-test: setup  ## the test suite
-	$(BIN)/python -m pytest -q tests
+test: setup $(COMPAT)/.done  ## the test suite
+	HF_ATTNRES_COMPAT_TRANSFORMERS=$(abspath $(COMPAT)) $(BIN)/python -m pytest -q tests
 
 bench: setup  ## speed/memory ratios against LlamaForCausalLM (~10 min, needs a quiet machine)
 	$(BIN)/python benchmarks/overhead.py
