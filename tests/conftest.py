@@ -58,3 +58,43 @@ def insp_make_model():
         return model
 
     return make
+
+
+# ---- conv_: fixtures of the conversion tests (tests/test_conversion*.py) ----
+import pytest as _conv_pytest
+
+
+@_conv_pytest.fixture(scope="session")
+def conv_tiny_checkpoint(tmp_path_factory):
+    """Factory `make(family="llama", **config_overrides) -> (folder, model)`: a tiny random checkpoint saved
+    with `save_pretrained` (cached per arguments). Every weight is random, norms included and biases non-zero,
+    so a mix-up of any tensor shows in the logits; rms_norm_eps is large so a wrong epsilon shows too."""
+    import torch
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    cache = {}
+
+    def make(family: str = "llama", max_shard_size: str = "50GB", seed: int = 0, **overrides):
+        key = (family, max_shard_size, seed, repr(sorted(overrides.items())))
+        if key not in cache:
+            config_cls, model_cls = classes[family]
+            dims = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        rms_norm_eps=1e-2, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+            torch.manual_seed(seed)
+            model = model_cls(config_cls(**{**dims, **overrides})).eval()
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "norm" in name:
+                        p.uniform_(0.5, 1.5)
+                    else:
+                        p.normal_(0.0, 0.1)
+            folder = tmp_path_factory.mktemp(f"conv-src-{family}")
+            model.save_pretrained(folder, max_shard_size=max_shard_size)
+            cache[key] = (folder, model)
+        return cache[key]
+
+    return make

@@ -103,24 +103,25 @@ def depth_attention(
     dtype = torch.promote_types(sources[0].dtype, torch.float32)  # fp32 under bf16/fp16
     query = pseudo_query.to(dtype) * key_norm.weight.to(dtype)
     eps = key_norm.variance_epsilon
-    if not torch.is_grad_enabled() and sources[0][..., 0].numel() <= STACKED_MAX_TOKENS:
+    grad = torch.is_grad_enabled()
+    if not grad and sources[0][..., 0].numel() <= STACKED_MAX_TOKENS:
         # decoding: a handful of tokens, so the number of ops is the cost, not memory: stack once
-        values = torch.stack(sources, dim=-2)
+        values = torch.stack(sources, dim=-2).to(dtype)
         alpha = _query_dot_normalized_key(values, query, eps)[0].softmax(dim=-1)
-        return (alpha.to(values.dtype).unsqueeze(-2) @ values).squeeze(-2), alpha
-    if torch.is_grad_enabled():
+        return (alpha.unsqueeze(-2) @ values).squeeze(-2).to(sources[0].dtype), alpha
+    if grad:
         logits = [_QueryDotNormalizedKey.apply(v, query, eps) for v in sources]
     else:
         logits = [_query_dot_normalized_key(v, query, eps)[0] for v in sources]
     alpha = torch.stack(logits, dim=-1).softmax(dim=-1)
-    weights = alpha.to(sources[0].dtype)[..., None]
-    h = weights[..., 0, :] * sources[0]
+    # The weighted sum accumulates in fp32 too: one rounding to bf16 at the end, not one per source.
+    h = alpha[..., 0, None] * sources[0]
     for i in range(1, len(sources)):
-        if torch.is_grad_enabled():
-            h = torch.addcmul(h, weights[..., i, :], sources[i])
+        if grad:
+            h = torch.addcmul(h, alpha[..., i, None], sources[i])
         else:  # inference: accumulate in place, no new buffer per source
-            h.addcmul_(weights[..., i, :], sources[i])
-    return h, alpha
+            h.addcmul_(alpha[..., i, None], sources[i])
+    return h.to(sources[0].dtype), alpha
 
 
 class AttnResidual(nn.Module):
