@@ -24,7 +24,7 @@ $(COMPAT)/.done: $(BIN)/hf-attnres
 setup: $(BIN)/hf-attnres
 
 run: setup  ## the main job on the embedded default
-	$(BIN)/hf-attnres demo --force
+	$(BIN)/hf-attnres run
 
 test: setup $(COMPAT)/.done  ## the test suite
 	HF_ATTNRES_COMPAT_TRANSFORMERS=$(abspath $(COMPAT)) $(BIN)/python -m pytest -q tests

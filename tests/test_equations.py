@@ -177,11 +177,12 @@ def test_depth_attention_backward_matches_autograd_of_transcription():
 
 def test_depth_attention_gradcheck_float64():
     """The custom autograd function passes torch's finite-difference gradcheck (in fp64)."""
-    from hf_attnres.modeling.modeling_attnres import _QueryDotNormalizedKey
+    from hf_attnres.modeling.modeling_attnres import _KeyLogits
 
     torch.manual_seed(0)
     v = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
-    q = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    ref = (v @ q) * torch.rsqrt(v.pow(2).mean(-1) + 1e-5)
-    torch.testing.assert_close(_QueryDotNormalizedKey.apply(v, q, 1e-5), ref)
-    assert torch.autograd.gradcheck(lambda v, q: _QueryDotNormalizedKey.apply(v, q, 1e-5), (v, q))
+    for k in (1, 3):  # one query (a sublayer) or several (a block's, in the two-phase computation)
+        q = torch.randn(8, k, dtype=torch.float64, requires_grad=True)
+        ref = (v @ q) * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5)
+        torch.testing.assert_close(_KeyLogits.apply(v, q, 1e-5), ref)
+        assert torch.autograd.gradcheck(lambda v, q: _KeyLogits.apply(v, q, 1e-5), (v, q))

@@ -80,7 +80,9 @@ def save_for_hub(
             "convert a Llama-family checkpoint first (hf-attnres convert)."
         )
     type(model.config).register_for_auto_class("AutoConfig")
-    type(model).register_for_auto_class("AutoModelForCausalLM" if hasattr(model, "lm_head") else "AutoModel")
+    # FSDP2 swaps in a subclass of the model's class: register (and so copy) the AttnRes class itself
+    model_class = next(c for c in type(model).__mro__ if c.__name__ in ("AttnResForCausalLM", "AttnResModel"))
+    model_class.register_for_auto_class("AutoModelForCausalLM" if hasattr(model, "lm_head") else "AutoModel")
     model.config.auto_map = dict(AUTO_MAP)
     kwargs = {"max_shard_size": max_shard_size}
     if save_function is not None:

@@ -58,47 +58,63 @@ ATTN_RES_MODULE_NAMES = ["self_attn_res", "mlp_res", "final_res"]
 STACKED_MAX_TOKENS = 64
 
 
-def _query_dot_normalized_key(value: torch.Tensor, query: torch.Tensor, eps: float):
-    """(q . v / rms(v), q . v, 1 / rms(v)) per token, in the query's dtype (fp32, or fp64)."""
-    value32 = value.to(query.dtype)
-    dot = value32 @ query
-    inv_rms = torch.rsqrt(torch.linalg.vector_norm(value32, dim=-1).square() / value.shape[-1] + eps)
+def _key_logits(value: torch.Tensor, queries: torch.Tensor, eps: float):
+    """(q_k . v / rms(v) for the k query columns, q . v, 1 / rms(v)), per token, in the queries' dtype."""
+    value32 = value.to(queries.dtype)
+    dot = value32 @ queries
+    inv_rms = torch.rsqrt(torch.linalg.vector_norm(value32, dim=-1, keepdim=True).square() / value.shape[-1] + eps)
     return dot * inv_rms, dot, inv_rms
 
 
-class _QueryDotNormalizedKey(torch.autograd.Function):
-    """Autograd for `_query_dot_normalized_key` that keeps only `v` itself for backward.
+class _KeyLogits(torch.autograd.Function):
+    """Autograd for `_key_logits` that keeps only `v` itself for backward.
 
     `v` is alive anyway as a source, so no fp32 or normalised copy is kept: the depth attention adds no
     activation memory per source, in bf16 as in fp32.
     """
 
     @staticmethod
-    def forward(ctx, value: torch.Tensor, query: torch.Tensor, eps: float) -> torch.Tensor:
-        logit, dot, inv_rms = _query_dot_normalized_key(value, query, eps)
-        ctx.save_for_backward(value, query, dot, inv_rms)
-        return logit
+    def forward(ctx, value: torch.Tensor, queries: torch.Tensor, eps: float) -> torch.Tensor:
+        logits, dot, inv_rms = _key_logits(value, queries, eps)
+        ctx.save_for_backward(value, queries, dot, inv_rms)
+        return logits
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        value, query, dot, inv_rms = ctx.saved_tensors
-        value32 = value.to(query.dtype)
+        value, queries, dot, inv_rms = ctx.saved_tensors
+        d = value.shape[-1]
+        value32 = value.to(queries.dtype)
         grad_dot = grad * inv_rms
-        # d(dot * inv_rms)/dv = inv_rms * q - dot * inv_rms^3 * v / d
-        grad_rms = -(grad * dot * inv_rms.pow(3)) / value.shape[-1]
-        grad_value = torch.addcmul(grad_dot[..., None] * query, grad_rms[..., None], value32)
-        grad_query = grad_dot.reshape(1, -1) @ value32.reshape(-1, value.shape[-1])
-        return grad_value.to(value.dtype), grad_query.reshape(query.shape), None
+        # d(q.v * inv_rms)/dv = inv_rms * q - q.v * inv_rms^3 * v / d
+        grad_rms = -(grad * dot).sum(-1, keepdim=True) * inv_rms.pow(3) / d
+        grad_value = (grad_dot @ queries.T).addcmul_(grad_rms, value32)
+        grad_queries = value32.reshape(-1, d).T @ grad_dot.reshape(-1, queries.shape[-1])
+        return grad_value.to(value.dtype), grad_queries, None
+
+
+def key_logits(value: torch.Tensor, queries: torch.Tensor, eps: float) -> torch.Tensor:
+    """w_k . RMSNorm(v) for every column of `queries` (the pseudo-queries times their key-norm weights)."""
+    if torch.is_grad_enabled():
+        return _KeyLogits.apply(value, queries, eps)
+    return _key_logits(value, queries, eps)[0]
+
+
+def effective_queries(attn_residuals: list["AttnResidual"], dtype: torch.dtype) -> torch.Tensor:
+    """[d, k] matrix of w * gamma: RMSNorm(v) = gamma * v / rms(v), so w . RMSNorm(v) = (w * gamma) . v / rms(v)."""
+    return torch.stack([r.pseudo_query.to(dtype) * r.key_norm.weight.to(dtype) for r in attn_residuals], dim=-1)
 
 
 def depth_attention(
-    pseudo_query: torch.Tensor, key_norm: LlamaRMSNorm, sources: list[torch.Tensor]
+    pseudo_query: torch.Tensor,
+    key_norm: LlamaRMSNorm,
+    sources: list[torch.Tensor],
+    known_logits: list[torch.Tensor] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha_i = softmax_i(w . RMSNorm(v_i)) over the sources; returns h = sum_i alpha_i v_i and alpha.
 
-    RMSNorm(v) = gamma * v / rms(v), so w . RMSNorm(v) = (w * gamma) . v / rms(v): the key norm's weight
-    folds into the query and normalised keys are never materialised. Logits and softmax are fp32 whatever
-    the model dtype; the values stay raw (un-normalised), as in the paper.
+    The key norm's weight folds into the query, so normalised keys are never materialised. Logits and
+    softmax are fp32 whatever the model dtype; the values stay raw (un-normalised), as in the paper.
+    `known_logits` are the logits of the first sources when already computed (two-phase computation).
     """
     dtype = torch.promote_types(sources[0].dtype, torch.float32)  # fp32 under bf16/fp16
     query = pseudo_query.to(dtype) * key_norm.weight.to(dtype)
@@ -107,12 +123,11 @@ def depth_attention(
     if not grad and sources[0][..., 0].numel() <= STACKED_MAX_TOKENS:
         # decoding: a handful of tokens, so the number of ops is the cost, not memory: stack once
         values = torch.stack(sources, dim=-2).to(dtype)
-        alpha = _query_dot_normalized_key(values, query, eps)[0].softmax(dim=-1)
+        logits = (values @ query) * torch.rsqrt(values.pow(2).mean(-1) + eps)
+        alpha = logits.softmax(dim=-1)
         return (alpha.unsqueeze(-2) @ values).squeeze(-2).to(sources[0].dtype), alpha
-    if grad:
-        logits = [_QueryDotNormalizedKey.apply(v, query, eps) for v in sources]
-    else:
-        logits = [_query_dot_normalized_key(v, query, eps)[0] for v in sources]
+    query = query[:, None]
+    logits = [*known_logits, *(key_logits(v, query, eps)[..., 0] for v in sources[len(known_logits):])]
     alpha = torch.stack(logits, dim=-1).softmax(dim=-1)
     # The weighted sum accumulates in fp32 too: one rounding to bf16 at the end, not one per source.
     h = alpha[..., 0, None] * sources[0]
@@ -135,8 +150,8 @@ class AttnResidual(nn.Module):
         self.pseudo_query = nn.Parameter(torch.zeros(config.hidden_size))
         self.key_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return depth_attention(self.pseudo_query, self.key_norm, sources)
+    def forward(self, sources: list[torch.Tensor], known_logits=()) -> tuple[torch.Tensor, torch.Tensor]:
+        return depth_attention(self.pseudo_query, self.key_norm, sources, known_logits)
 
 
 def _reading_norm(config: AttnResConfig, sublayer: int) -> LlamaRMSNorm:
@@ -176,12 +191,14 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         else:
             self.self_attn_res = self.mlp_res = None
         self.block_starts = (config.starts_block(attn_sublayer), config.starts_block(mlp_sublayer))
+        size = config.sublayers_per_block or 1
+        self.block_columns = (attn_sublayer % size, mlp_sublayer % size)  # position within the block
 
     @staticmethod
-    def _sublayer_input(attn_res: AttnResidual | None, blocks: list, partial: torch.Tensor):
+    def _sublayer_input(attn_res: AttnResidual | None, blocks: list, partial: torch.Tensor, known=()):
         if attn_res is None:  # standard residual: the sublayer reads the running sum itself
             return partial, None
-        return attn_res(blocks + [partial])
+        return attn_res(blocks + [partial], known)
 
     def forward(
         self,
@@ -189,12 +206,16 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: Cache | None = None,
+        block_logits: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, tuple]:
+        """`block_logits`: phase 1 of the two-phase computation, the logits of this block's sublayers
+        against the sources completed before it (see `AttnResModel.block_logits`)."""
         blocks, partial = list(sources[:-1]), sources[-1]
+        known = [[logits[..., column] for logits in block_logits or ()] for column in self.block_columns]
 
         # attention sublayer: h = AttnRes(blocks, partial); at a block boundary the partial sum is closed
-        h, attn_alpha = self._sublayer_input(self.self_attn_res, blocks, partial)
+        h, attn_alpha = self._sublayer_input(self.self_attn_res, blocks, partial, known[0])
         if self.block_starts[0]:
             blocks, partial = blocks + [partial], None
         attn_out, attn_weights = self.self_attn(
@@ -207,7 +228,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         partial = attn_out if partial is None else partial + attn_out
 
         # MLP sublayer, the same way
-        h, mlp_alpha = self._sublayer_input(self.mlp_res, blocks, partial)
+        h, mlp_alpha = self._sublayer_input(self.mlp_res, blocks, partial, known[1])
         if self.block_starts[1]:
             blocks, partial = blocks + [partial], None
         mlp_out = self.mlp(self.post_attention_layernorm(h))
@@ -278,6 +299,31 @@ class AttnResModel(AttnResPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def block_logits(self, first_layer: int, sources: tuple[torch.Tensor, ...]) -> list[torch.Tensor] | None:
+        """Phase 1 of the paper's two-phase computation (spec §5).
+
+        Pseudo-queries are parameters, so when a block opens, the logits of all its sublayers against the
+        sources completed so far are one matrix product per source: [tokens, d] x [d, S] instead of S
+        separate passes over each source (in training, likewise for the backward). Phase 2 (the partial
+        sum of the current block, known only as the block runs) is handled by each sublayer. Skipped for
+        Full AttnRes (one sublayer per block) and for decoding-sized inputs (fewer ops without it).
+        """
+        size = self.config.sublayers_per_block
+        if size is None or size < 2 or not self.layers[first_layer].block_starts[0]:
+            return None
+        if not torch.is_grad_enabled() and sources[0][..., 0].numel() <= STACKED_MAX_TOKENS:
+            return None
+        layers = self.layers[first_layer : first_layer + size // 2]
+        residuals = [r for layer in layers for r in (layer.self_attn_res, layer.mlp_res)]
+        params = [p for r in residuals for p in (r.pseudo_query, r.key_norm.weight)]
+        if not all(type(p.data) is torch.Tensor and p.numel() > 0 and p.device == sources[0].device for p in params):
+            # Later layers' parameters are sharded (FSDP, ZeRO-3), offloaded or on another device until their
+            # own forward runs: read them only there, each sublayer computing its own logits.
+            return None
+        queries = effective_queries(residuals, torch.promote_types(sources[0].dtype, torch.float32))
+        eps = residuals[0].key_norm.variance_epsilon
+        return [key_logits(v, queries, eps) for v in sources]
+
     def _masks(self, attention_mask, inputs_embeds, past_key_values, position_ids) -> dict:
         if isinstance(attention_mask, dict):  # already prepared, e.g. by generate()
             return attention_mask
@@ -335,9 +381,12 @@ class AttnResModel(AttnResPreTrainedModel):
 
         sources: tuple[torch.Tensor, ...] = (inputs_embeds,)
         all_hidden, all_attn, depth = [], [], []
+        block_logits = None
         for layer in self.layers[: self.config.num_hidden_layers]:
             if output_hidden_states:
                 all_hidden.append(sources[0] if len(sources) == 1 else torch.stack(sources).sum(0))
+            if layer.block_starts[0]:
+                block_logits = self.block_logits(layer.layer_idx, sources)
             sources, attn_weights, alphas = layer(
                 *sources,
                 attention_mask=masks[self.config.layer_types[layer.layer_idx]],
@@ -345,6 +394,7 @@ class AttnResModel(AttnResPreTrainedModel):
                 past_key_values=past_key_values,
                 position_ids=position_ids,
                 use_cache=use_cache,
+                block_logits=block_logits,
                 **kwargs,
             )
             all_attn.append(attn_weights)

@@ -1,0 +1,122 @@
+"""The model a run trains: load (converting a Llama-family checkpoint on the fly) and choose what learns.
+
+Modes: `full` trains everything; `attnres-only` freezes the backbone so the routing (pseudo-queries and key
+norms) learns first; `lora` trains LoRA adapters through PEFT with the AttnRes modules as `modules_to_save`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..modeling import ATTN_RES_MODULE_NAMES
+
+# Linear layers of an AttnRes decoder layer (Llama's): PEFT has no default list for model_type "attnres".
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    """Where the trained model came from (for the model card and the summary)."""
+
+    path: str  # an AttnRes folder or Hub id that from_pretrained loads
+    base_model: str  # what the user gave (Llama folder, GGUF, Hub id)
+    converted: bool
+    conversion_report: object | None = None
+
+
+def _local_model_type(src: str) -> str | None:
+    config = Path(src) / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("model_type")
+    return None
+
+
+def _needs_conversion(src: str) -> bool:
+    if src.endswith(".gguf"):
+        return True
+    model_type = _local_model_type(src)
+    if model_type is None and os.path.isdir(src):
+        raise FileNotFoundError(f"{src} has no config.json: point --model at a model folder, a .gguf or a Hub id.")
+    if model_type is None:  # a Hub id
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(src).model_type
+    return model_type != "attnres"
+
+
+def resolve_model_source(cfg, converted_dir: Path, is_main: bool) -> ModelSource:
+    """An AttnRes model path for `cfg.model`, converting into `converted_dir` when needed (main process).
+
+    A conversion left by an earlier run of the same output folder is reused, so `--resume` does not
+    convert again.
+    """
+    src = cfg.model
+    if not _needs_conversion(src):
+        return ModelSource(path=src, base_model=src, converted=False)
+    if (converted_dir / "config.json").is_file():
+        return ModelSource(path=str(converted_dir), base_model=src, converted=True)
+    if not is_main:
+        raise RuntimeError("conversion must run on the main process first")
+    try:
+        from ..conversion import convert_checkpoint
+    except ImportError as e:
+        raise RuntimeError(
+            f"{src} is not an AttnRes model and this install has no converter (hf_attnres.conversion): "
+            "convert it first with `hf-attnres convert`, then pass the converted folder."
+        ) from e
+    report = convert_checkpoint(src, converted_dir, mode=cfg.convert_mode, block_size=cfg.block_size,
+                                verify=cfg.convert_verify)
+    return ModelSource(path=str(converted_dir), base_model=src, converted=True, conversion_report=report)
+
+
+def load_model(path: str, dtype: str | None = None):
+    """(AttnResForCausalLM, tokenizer) from an AttnRes folder or Hub id, fp32 unless `dtype` is given."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_attnres  # noqa: F401  (registers the Auto classes)
+
+    torch_dtype = DTYPES[dtype] if dtype else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    if getattr(model.config, "model_type", None) != "attnres":
+        raise ValueError(f"{path} is a {model.config.model_type!r} model, not AttnRes.")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def apply_train_mode(model, cfg):
+    """Freeze or wrap `model` for `cfg.train_mode`; returns the model to train."""
+    if cfg.train_mode == "full":
+        model.requires_grad_(True)
+        return model
+    if cfg.train_mode == "attnres-only":
+        model.requires_grad_(False)
+        for name, module in model.named_modules():
+            if name.split(".")[-1] in ATTN_RES_MODULE_NAMES:
+                module.requires_grad_(True)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("attnres-only: this model has no AttnRes parameters (attn_res_mode 'none'?).")
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+        target_modules=cfg.lora_target_modules or DEFAULT_LORA_TARGETS,
+        modules_to_save=list(ATTN_RES_MODULE_NAMES) if model.config.attn_res_mode != "none" else None,
+    )
+    return get_peft_model(model, lora)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    def numel(p) -> int:
+        return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions report 0 elements
+
+    total = sum(numel(p) for p in model.parameters())
+    return sum(numel(p) for p in model.parameters() if p.requires_grad), total
