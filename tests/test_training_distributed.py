@@ -47,10 +47,18 @@ def test_two_processes_match_one_process_with_double_accumulation(tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "hf_attnres.cli", "train", str(model), "--output-dir", str(two), "--data", str(data),
            "--grad-accum", "1", *COMMON]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=280)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "on 2 process(es)" in proc.stdout + proc.stderr
+    # a clean environment: no distributed/Accelerate variables left by in-process runs of earlier tests
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ACCELERATE_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                             "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    log = tmp_path / "launch.log"
+    with open(log, "w") as out:  # a file, not a pipe: nothing can block on a full pipe
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                              timeout=280)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    assert "on 2 process(es)" in text
 
     reset_accelerate()
     from hf_attnres.cli import build_parser
