@@ -106,6 +106,7 @@ def inspect(model_dir: Path, out_dir: Path, texts: list[str], label: str,
 
 def reload_and_generate(folder: Path, prompt: str, max_new_tokens: int) -> dict:
     """Load `folder` with trust_remote_code in a fresh interpreter that cannot see this package's classes."""
+    folder = Path(folder).resolve()
     import os
     import tempfile
 
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from .trainer import train
 
     t_start = time.time()
-    out = Path(args.output_dir)
+    out = Path(args.output_dir).resolve()  # absolute: the reload runs in another working directory
     out.mkdir(parents=True, exist_ok=True)
     source = args.model or str(smollm2_gguf())
     _say(f"1/7 model: {source}")
