@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import PreTrainedModel
@@ -24,35 +26,28 @@ def _check_writable_target(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} is not empty: choose another output path, or pass overwrite=True (--force).")
 
 
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
-    """Context manager yielding a temporary folder beside `path` that replaces `path` only on success.
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path` that replaces `path` only on success.
 
     A failure (or Ctrl-C) leaves `path` untouched and no half-written folder behind.
     """
-    return _AtomicDir(Path(path), overwrite)
-
-
-class _AtomicDir:
-    def __init__(self, path: Path, overwrite: bool):
-        self.path, self.overwrite = path, overwrite
-
-    def __enter__(self) -> Path:
-        _check_writable_target(self.path, self.overwrite)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
+    path = Path(path)
+    _check_writable_target(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def save_for_hub(

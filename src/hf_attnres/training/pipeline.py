@@ -106,9 +106,10 @@ def inspect(model_dir: Path, out_dir: Path, texts: list[str], label: str,
 
 def reload_and_generate(folder: Path, prompt: str, max_new_tokens: int) -> dict:
     """Load `folder` with trust_remote_code in a fresh interpreter that cannot see this package's classes."""
-    folder = Path(folder).resolve()
     import os
     import tempfile
+
+    folder = Path(folder).resolve()
 
     with tempfile.TemporaryDirectory() as modules_cache:
         env = {**os.environ, "HF_MODULES_CACHE": modules_cache, "HF_HUB_OFFLINE": "1"}
