@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from _tiny import tiny_attnres, token_ids
+from hf_attnres import AttnResModel
 
 
 def logits_with(impl, mode="block", **kw):
@@ -55,19 +56,28 @@ def test_flash_attention_2_matches_sdpa_on_gpu():
 
 
 @pytest.mark.parametrize("mode", ["block", "full"])
-def test_activation_checkpointing_same_gradients(mode):
+def test_activation_checkpointing_same_gradients(mode, monkeypatch):
     ids = token_ids(seq=16)
-    grads = []
-    for checkpointing in (False, True):
+
+    def gradients(checkpointing: bool) -> dict:
         model = tiny_attnres(mode).train()
         if checkpointing:
             model.gradient_checkpointing_enable()
             assert model.model.layers[0].gradient_checkpointing
         model(input_ids=ids, labels=ids).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    default, checkpointed = gradients(False), gradients(True)
+    # Checkpointing runs each sublayer's depth attention on its own (the two-phase computation would keep
+    # phase 1's results across the block): the same function summed in another order. Measured: 1.7e-6 of
+    # each gradient's largest entry, fp32 rounding.
+    assert default.keys() == checkpointed.keys()
+    for name, g in default.items():
+        assert (checkpointed[name] - g).abs().max() <= 1e-5 * g.abs().max() + 1e-8, name
+    # and against the same computation without checkpointing: equal
+    monkeypatch.setattr(AttnResModel, "block_phase1", lambda self, *args: None)
+    for name, g in gradients(False).items():
+        torch.testing.assert_close(checkpointed[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_torch_compile_forward_on_cpu():

@@ -58,12 +58,31 @@ ATTN_RES_MODULE_NAMES = ["self_attn_res", "mlp_res", "final_res"]
 STACKED_MAX_TOKENS = 64
 
 
+def _times_queries(value: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """value [..., d] @ queries [d, k], computed as (queries^T @ value^T)^T: CPU BLAS is several times
+    slower on the tall-skinny form [tokens, d] @ [d, k] than on its transpose for small k > 1."""
+    flat = value.reshape(-1, value.shape[-1])
+    return (queries.mT @ flat.mT).mT.reshape(*value.shape[:-1], queries.shape[-1])
+
+
 def _key_logits(value: torch.Tensor, queries: torch.Tensor, eps: float):
     """(q_k . v / rms(v) for the k query columns, q . v, 1 / rms(v)), per token, in the queries' dtype."""
     value32 = value.to(queries.dtype)
-    dot = value32 @ queries
+    dot = _times_queries(value32, queries)
     inv_rms = torch.rsqrt(torch.linalg.vector_norm(value32, dim=-1, keepdim=True).square() / value.shape[-1] + eps)
     return dot * inv_rms, dot, inv_rms
+
+
+def _key_logits_backward(grad, value, queries, dot, inv_rms) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `_key_logits` for `value` (fp32) and `queries`, from its saved (cheap) results."""
+    d = value.shape[-1]
+    value32 = value.to(queries.dtype)
+    grad_dot = grad * inv_rms
+    # d(q.v * inv_rms)/dv = inv_rms * q - q.v * inv_rms^3 * v / d
+    grad_rms = -(grad * dot).sum(-1, keepdim=True) * inv_rms.pow(3) / d
+    grad_value = (grad_dot @ queries.mT).addcmul_(grad_rms, value32)
+    grad_queries = (grad_dot.reshape(-1, queries.shape[-1]).mT @ value32.reshape(-1, d)).mT
+    return grad_value, grad_queries
 
 
 class _KeyLogits(torch.autograd.Function):
@@ -82,13 +101,7 @@ class _KeyLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         value, queries, dot, inv_rms = ctx.saved_tensors
-        d = value.shape[-1]
-        value32 = value.to(queries.dtype)
-        grad_dot = grad * inv_rms
-        # d(q.v * inv_rms)/dv = inv_rms * q - q.v * inv_rms^3 * v / d
-        grad_rms = -(grad * dot).sum(-1, keepdim=True) * inv_rms.pow(3) / d
-        grad_value = (grad_dot @ queries.T).addcmul_(grad_rms, value32)
-        grad_queries = value32.reshape(-1, d).T @ grad_dot.reshape(-1, queries.shape[-1])
+        grad_value, grad_queries = _key_logits_backward(grad, value, queries, dot, inv_rms)
         return grad_value.to(value.dtype), grad_queries, None
 
 
@@ -105,16 +118,12 @@ def effective_queries(attn_residuals: list["AttnResidual"], dtype: torch.dtype) 
 
 
 def depth_attention(
-    pseudo_query: torch.Tensor,
-    key_norm: LlamaRMSNorm,
-    sources: list[torch.Tensor],
-    known_logits: list[torch.Tensor] = (),
+    pseudo_query: torch.Tensor, key_norm: LlamaRMSNorm, sources: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha_i = softmax_i(w . RMSNorm(v_i)) over the sources; returns h = sum_i alpha_i v_i and alpha.
 
     The key norm's weight folds into the query, so normalised keys are never materialised. Logits and
     softmax are fp32 whatever the model dtype; the values stay raw (un-normalised), as in the paper.
-    `known_logits` are the logits of the first sources when already computed (two-phase computation).
     """
     dtype = torch.promote_types(sources[0].dtype, torch.float32)  # fp32 under bf16/fp16
     query = pseudo_query.to(dtype) * key_norm.weight.to(dtype)
@@ -123,12 +132,11 @@ def depth_attention(
     if not grad and sources[0][..., 0].numel() <= STACKED_MAX_TOKENS:
         # decoding: a handful of tokens, so the number of ops is the cost, not memory: stack once
         values = torch.stack(sources, dim=-2).to(dtype)
-        logits = (values @ query) * torch.rsqrt(values.pow(2).mean(-1) + eps)
+        mean_square = torch.linalg.vecdot(values, values).div_(values.shape[-1])
+        logits = (values @ query).mul_(mean_square.add_(eps).rsqrt_())
         alpha = logits.softmax(dim=-1)
         return (alpha.unsqueeze(-2) @ values).squeeze(-2).to(sources[0].dtype), alpha
-    query = query[:, None]
-    logits = [*known_logits, *(key_logits(v, query, eps)[..., 0] for v in sources[len(known_logits):])]
-    alpha = torch.stack(logits, dim=-1).softmax(dim=-1)
+    alpha = torch.stack([key_logits(v, query[:, None], eps)[..., 0] for v in sources], dim=-1).softmax(dim=-1)
     # The weighted sum accumulates in fp32 too: one rounding to bf16 at the end, not one per source.
     h = alpha[..., 0, None] * sources[0]
     for i in range(1, len(sources)):
@@ -137,6 +145,137 @@ def depth_attention(
         else:  # inference: accumulate in place, no new buffer per source
             h.addcmul_(alpha[..., i, None], sources[i])
     return h.to(sources[0].dtype), alpha
+
+
+# --------------------------------------------------------------------------------------------------------
+# Two-phase computation for Block AttnRes (spec §5)
+# --------------------------------------------------------------------------------------------------------
+# Pseudo-queries are parameters, so when a block opens, all S of its queries are known. Phase 1 attends all
+# of them at once over the sources completed so far (the embedding and the finished blocks), returning each
+# sublayer's output over those sources and the softmax statistics (log-sum-exp). Phase 2, at sublayer j of
+# the block, adds the one source phase 1 could not see, the partial sum p of the block, by an online
+# softmax: with beta = sigmoid(w_j . RMSNorm(p) - lse_j) the weight of p,
+#
+#     h_j = (1 - beta) * phase1_j + beta * p  =  sum_i alpha_{i->j} v_i        (exact, not approximate)
+#
+# In training this is what keeps AttnRes cheap: phase 1's backward gives each completed source its gradient
+# from all S sublayers at once (no per-sublayer temporaries and accumulations), and neither phase keeps for
+# backward anything of size [tokens, d] that is not a source already.
+@dataclass
+class BlockPhase1:
+    """Phase-1 results for one block: `mixed[j]` and `lse[..., j]` for its j-th sublayer, fp32."""
+
+    sources: list[torch.Tensor]  # the completed sources phase 1 attended over
+    mixed: tuple[torch.Tensor, ...]  # sum_i softmax_i(logits_ij) v_i, one [..., d] per sublayer
+    lse: torch.Tensor  # [..., S] log-sum-exp of the logits over the sources
+    weights: torch.Tensor  # [..., n, S] softmax over the sources (no gradient: `mixed` carries it)
+
+
+def _mix(weights: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    """sum_i weights_i v_i, in the weights' dtype (fp32): one rounding at the end under bf16, not one per
+    source. A loop of fused multiply-adds: on CPU this beats a batched matmul of many tiny matrices."""
+    out = weights[0].unsqueeze(-1) * values[0]
+    for w, v in zip(weights[1:], values[1:]):
+        out = out.addcmul_(w.unsqueeze(-1), v)
+    return out
+
+
+def _phase1_statistics(queries: torch.Tensor, eps: float, sources: list[torch.Tensor]):
+    """(lse [..., S], weights [..., n, S], dot [..., n, S], inv_rms [..., n, 1]) of the sources' logits."""
+    logits, dot, inv_rms = zip(*(_key_logits(v, queries, eps) for v in sources))
+    logits = torch.stack(logits, dim=-2)
+    lse = logits.logsumexp(dim=-2)
+    return lse, (logits - lse.unsqueeze(-2)).exp(), torch.stack(dot, dim=-2), torch.stack(inv_rms, dim=-2)
+
+
+class _Phase1(torch.autograd.Function):
+    """Phase 1: `(mixed_0, ..., mixed_{S-1}, lse, weights)` of the completed sources for the queries [d, S].
+
+    Keeps for backward only the sources (alive anyway) and [tokens, n, S]-sized statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, queries: torch.Tensor, eps: float, *sources: torch.Tensor):
+        lse, weights, dot, inv_rms = _phase1_statistics(queries, eps, sources)
+        mixed = [_mix(w.unbind(-1), sources) for w in weights.unbind(-1)]
+        ctx.save_for_backward(queries, dot, inv_rms, weights, *sources)
+        ctx.mark_non_differentiable(weights)
+        return (*mixed, lse, weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        queries, dot, inv_rms, weights, *sources = ctx.saved_tensors
+        *grad_mixed, grad_lse, _ = grads
+        used = [j for j, g in enumerate(grad_mixed) if g is not None]
+        grad_mixed = [grad_mixed[j].to(weights.dtype) for j in used]
+        weights_used = weights[..., used]  # [..., n, S']
+        # mixed_j = sum_i weights_ij v_i
+        grad_weights = torch.zeros_like(weights)
+        if used:
+            grad_weights[..., used] = torch.stack(
+                [torch.stack([torch.linalg.vecdot(g, v.to(g.dtype)) for g in grad_mixed], dim=-1) for v in sources],
+                dim=-2,
+            )
+        # weights = exp(logits - lse): softmax backward, plus d lse / d logits = weights
+        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(-2, keepdim=True))
+        if grad_lse is not None:
+            grad_logits = grad_logits + weights * grad_lse.unsqueeze(-2)
+        grad_queries, grad_sources = 0, []
+        for i, v in enumerate(sources):
+            grad_v, grad_q = _key_logits_backward(grad_logits[..., i, :], v, queries, dot[..., i, :], inv_rms[..., i, :])
+            if used:
+                grad_v += _mix(weights_used[..., i, :].unbind(-1), grad_mixed)
+            grad_queries = grad_queries + grad_q
+            grad_sources.append(grad_v.to(v.dtype))
+        return grad_queries, None, *grad_sources
+
+
+class _Merge(torch.autograd.Function):
+    """Phase 2: h = mixed + beta * (partial - mixed).
+
+    d h / d beta needs `mixed`, a [tokens, d] tensor per sublayer; the backward recomputes its products
+    with the gradient from the sources (alive anyway) instead of keeping it.
+    """
+
+    @staticmethod
+    def forward(ctx, mixed, partial, beta, weights, *sources):
+        ctx.save_for_backward(partial, beta, weights, *sources)
+        return torch.lerp(mixed, partial.to(mixed.dtype), beta.unsqueeze(-1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        partial, beta, weights, *sources = ctx.saved_tensors
+        grad = grad.to(beta.dtype)
+        # <grad, mixed> = sum_i weights_i <grad, v_i>
+        grad_mixed_dot = sum(w * torch.linalg.vecdot(grad, v.to(grad.dtype)) for w, v in zip(weights.unbind(-1), sources))
+        grad_beta = torch.linalg.vecdot(grad, partial.to(grad.dtype)) - grad_mixed_dot
+        grad_partial = (grad * beta.unsqueeze(-1)).to(partial.dtype)
+        return grad * (1 - beta).unsqueeze(-1), grad_partial, grad_beta, None, *(None for _ in sources)
+
+
+def block_phase1(residuals: list["AttnResidual"], sources: list[torch.Tensor]) -> BlockPhase1:
+    """Phase 1 for the sublayers of one block (`residuals`, in order) over the completed `sources`."""
+    queries = effective_queries(residuals, torch.promote_types(sources[0].dtype, torch.float32))
+    *mixed, lse, weights = _Phase1.apply(queries, residuals[0].key_norm.variance_epsilon, *sources)
+    return BlockPhase1(sources, tuple(mixed), lse, weights)
+
+
+def two_phase_attention(
+    attn_res: "AttnResidual", phase1: BlockPhase1, column: int, partial: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth attention of the block's `column`-th sublayer: phase 1's result merged with the partial sum."""
+    weights, mixed = phase1.weights[..., column], phase1.mixed[column]
+    if partial is None:  # the block's first sublayer: every source is complete
+        return mixed.to(phase1.sources[0].dtype), weights
+    query = effective_queries([attn_res], phase1.lse.dtype)
+    partial_logit = key_logits(partial, query, attn_res.key_norm.variance_epsilon)[..., 0]
+    beta = torch.sigmoid(partial_logit - phase1.lse[..., column])
+    if torch.is_grad_enabled():
+        h = _Merge.apply(mixed, partial, beta, weights, *phase1.sources)
+    else:  # inference: phase 1's result is not needed again, merge into it
+        h = mixed.lerp_(partial.to(mixed.dtype), beta.unsqueeze(-1))
+    alpha = torch.cat([weights * (1 - beta).unsqueeze(-1), beta.unsqueeze(-1)], dim=-1)
+    return h.to(partial.dtype), alpha
 
 
 class AttnResidual(nn.Module):
@@ -150,8 +289,8 @@ class AttnResidual(nn.Module):
         self.pseudo_query = nn.Parameter(torch.zeros(config.hidden_size))
         self.key_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, sources: list[torch.Tensor], known_logits=()) -> tuple[torch.Tensor, torch.Tensor]:
-        return depth_attention(self.pseudo_query, self.key_norm, sources, known_logits)
+    def forward(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return depth_attention(self.pseudo_query, self.key_norm, sources)
 
 
 def _reading_norm(config: AttnResConfig, sublayer: int) -> LlamaRMSNorm:
@@ -194,11 +333,14 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         size = config.sublayers_per_block or 1
         self.block_columns = (attn_sublayer % size, mlp_sublayer % size)  # position within the block
 
-    @staticmethod
-    def _sublayer_input(attn_res: AttnResidual | None, blocks: list, partial: torch.Tensor, known=()):
+    def _sublayer_input(self, sublayer: int, blocks: list, partial: torch.Tensor, phase1: BlockPhase1 | None):
+        attn_res = (self.self_attn_res, self.mlp_res)[sublayer]
         if attn_res is None:  # standard residual: the sublayer reads the running sum itself
             return partial, None
-        return attn_res(blocks + [partial], known)
+        if phase1 is None:
+            return attn_res(blocks + [partial])
+        column = self.block_columns[sublayer]  # phase 1 saw every source but this block's partial sum
+        return two_phase_attention(attn_res, phase1, column, None if column == 0 else partial)
 
     def forward(
         self,
@@ -206,16 +348,15 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: Cache | None = None,
-        block_logits: list[torch.Tensor] | None = None,
+        phase1: BlockPhase1 | None = None,
         **kwargs,
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, tuple]:
-        """`block_logits`: phase 1 of the two-phase computation, the logits of this block's sublayers
-        against the sources completed before it (see `AttnResModel.block_logits`)."""
+        """`phase1`: the two-phase computation's first phase for this layer's block, if the model ran it
+        (see `AttnResModel.block_phase1`); without it each sublayer attends over all its sources itself."""
         blocks, partial = list(sources[:-1]), sources[-1]
-        known = [[logits[..., column] for logits in block_logits or ()] for column in self.block_columns]
 
         # attention sublayer: h = AttnRes(blocks, partial); at a block boundary the partial sum is closed
-        h, attn_alpha = self._sublayer_input(self.self_attn_res, blocks, partial, known[0])
+        h, attn_alpha = self._sublayer_input(0, blocks, partial, phase1)
         if self.block_starts[0]:
             blocks, partial = blocks + [partial], None
         attn_out, attn_weights = self.self_attn(
@@ -228,7 +369,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         partial = attn_out if partial is None else partial + attn_out
 
         # MLP sublayer, the same way
-        h, mlp_alpha = self._sublayer_input(self.mlp_res, blocks, partial, known[1])
+        h, mlp_alpha = self._sublayer_input(1, blocks, partial, phase1)
         if self.block_starts[1]:
             blocks, partial = blocks + [partial], None
         mlp_out = self.mlp(self.post_attention_layernorm(h))
@@ -299,30 +440,26 @@ class AttnResModel(AttnResPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def block_logits(self, first_layer: int, sources: tuple[torch.Tensor, ...]) -> list[torch.Tensor] | None:
-        """Phase 1 of the paper's two-phase computation (spec §5).
-
-        Pseudo-queries are parameters, so when a block opens, the logits of all its sublayers against the
-        sources completed so far are one matrix product per source: [tokens, d] x [d, S] instead of S
-        separate passes over each source (in training, likewise for the backward). Phase 2 (the partial
-        sum of the current block, known only as the block runs) is handled by each sublayer. Skipped for
-        Full AttnRes (one sublayer per block) and for decoding-sized inputs (fewer ops without it).
-        """
+    def block_phase1(self, first_layer: int, sources: tuple[torch.Tensor, ...]) -> BlockPhase1 | None:
+        """Phase 1 of the two-phase computation (spec §5) for the block opening at `first_layer`, or None
+        where each sublayer is better off attending on its own: Full AttnRes (one sublayer per block),
+        decoding-sized inputs (fewer ops without it), activation checkpointing (phase 1's outputs would be
+        kept across the block) and parameters not materialised yet."""
         size = self.config.sublayers_per_block
         if size is None or size < 2 or not self.layers[first_layer].block_starts[0]:
             return None
         if not torch.is_grad_enabled() and sources[0][..., 0].numel() <= STACKED_MAX_TOKENS:
+            return None
+        if self.gradient_checkpointing and self.training:
             return None
         layers = self.layers[first_layer : first_layer + size // 2]
         residuals = [r for layer in layers for r in (layer.self_attn_res, layer.mlp_res)]
         params = [p for r in residuals for p in (r.pseudo_query, r.key_norm.weight)]
         if not all(type(p.data) is torch.Tensor and p.numel() > 0 and p.device == sources[0].device for p in params):
             # Later layers' parameters are sharded (FSDP, ZeRO-3), offloaded or on another device until their
-            # own forward runs: read them only there, each sublayer computing its own logits.
+            # own forward runs: read them only there, each sublayer attending on its own.
             return None
-        queries = effective_queries(residuals, torch.promote_types(sources[0].dtype, torch.float32))
-        eps = residuals[0].key_norm.variance_epsilon
-        return [key_logits(v, queries, eps) for v in sources]
+        return block_phase1(residuals, list(sources))
 
     def _masks(self, attention_mask, inputs_embeds, past_key_values, position_ids) -> dict:
         if isinstance(attention_mask, dict):  # already prepared, e.g. by generate()
@@ -381,12 +518,12 @@ class AttnResModel(AttnResPreTrainedModel):
 
         sources: tuple[torch.Tensor, ...] = (inputs_embeds,)
         all_hidden, all_attn, depth = [], [], []
-        block_logits = None
+        phase1 = None
         for layer in self.layers[: self.config.num_hidden_layers]:
             if output_hidden_states:
                 all_hidden.append(sources[0] if len(sources) == 1 else torch.stack(sources).sum(0))
             if layer.block_starts[0]:
-                block_logits = self.block_logits(layer.layer_idx, sources)
+                phase1 = self.block_phase1(layer.layer_idx, sources)
             sources, attn_weights, alphas = layer(
                 *sources,
                 attention_mask=masks[self.config.layer_types[layer.layer_idx]],
@@ -394,7 +531,7 @@ class AttnResModel(AttnResPreTrainedModel):
                 past_key_values=past_key_values,
                 position_ids=position_ids,
                 use_cache=use_cache,
-                block_logits=block_logits,
+                phase1=phase1,
                 **kwargs,
             )
             all_attn.append(attn_weights)
