@@ -29,7 +29,7 @@ run: setup  ## the main job on the embedded default
 test: setup $(COMPAT)/.done  ## the test suite
 	HF_ATTNRES_COMPAT_TRANSFORMERS=$(abspath $(COMPAT)) $(BIN)/python -m pytest -q tests
 
-bench: setup  ## speed/memory ratios against LlamaForCausalLM (~10 min, needs a quiet machine)
+bench: setup  ## speed/memory ratios against LlamaForCausalLM (~15 min, needs a quiet machine)
 	$(BIN)/python benchmarks/overhead.py
 
 clean:
