@@ -175,9 +175,8 @@ def test_two_phase_gradcheck_float64():
     partial = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
     beta = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
     # the backward recomputes <grad, mixed> from the sources: mixed must be their weights' mix
-    mix = sum(w[..., None] * v for w, v in zip(weights[..., 1].detach().unbind(-1), sources)).detach()
-    mixed = mix.clone().requires_grad_()
-    w1 = weights[..., 1].detach()
+    w1 = weights[..., 1]  # non-differentiable output of phase 1
+    mixed = sum(w[..., None] * v for w, v in zip(w1.unbind(-1), sources)).detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda m, p, b: _Merge.apply(m, p, b, w1, *sources), (mixed, partial, beta))
 
 

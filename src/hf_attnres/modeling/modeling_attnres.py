@@ -166,6 +166,8 @@ class BlockPhase1:
     """Phase-1 results for one block: `mixed[j]` and `lse[..., j]` for its j-th sublayer, fp32."""
 
     sources: list[torch.Tensor]  # the completed sources phase 1 attended over
+    queries: torch.Tensor  # [d, S] the block's effective queries (w * gamma), fp32
+    eps: float  # the key norms' epsilon
     mixed: tuple[torch.Tensor, ...]  # sum_i softmax_i(logits_ij) v_i, one [..., d] per sublayer
     lse: torch.Tensor  # [..., S] log-sum-exp of the logits over the sources
     weights: torch.Tensor  # [..., n, S] softmax over the sources (no gradient: `mixed` carries it)
@@ -180,14 +182,6 @@ def _mix(weights: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tenso
     return out
 
 
-def _phase1_statistics(queries: torch.Tensor, eps: float, sources: list[torch.Tensor]):
-    """(lse [..., S], weights [..., n, S], dot [..., n, S], inv_rms [..., n, 1]) of the sources' logits."""
-    logits, dot, inv_rms = zip(*(_key_logits(v, queries, eps) for v in sources))
-    logits = torch.stack(logits, dim=-2)
-    lse = logits.logsumexp(dim=-2)
-    return lse, (logits - lse.unsqueeze(-2)).exp(), torch.stack(dot, dim=-2), torch.stack(inv_rms, dim=-2)
-
-
 class _Phase1(torch.autograd.Function):
     """Phase 1: `(mixed_0, ..., mixed_{S-1}, lse, weights)` of the completed sources for the queries [d, S].
 
@@ -196,7 +190,9 @@ class _Phase1(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries: torch.Tensor, eps: float, *sources: torch.Tensor):
-        lse, weights, dot, inv_rms = _phase1_statistics(queries, eps, sources)
+        logits, dot, inv_rms = (torch.stack(t, dim=-2) for t in zip(*(_key_logits(v, queries, eps) for v in sources)))
+        lse = logits.logsumexp(dim=-2)  # [..., S]
+        weights = (logits - lse.unsqueeze(-2)).exp()  # [..., n, S]
         mixed = [_mix(w.unbind(-1), sources) for w in weights.unbind(-1)]
         ctx.save_for_backward(queries, dot, inv_rms, weights, *sources)
         ctx.mark_non_differentiable(weights)
@@ -205,28 +201,23 @@ class _Phase1(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         queries, dot, inv_rms, weights, *sources = ctx.saved_tensors
-        *grad_mixed, grad_lse, _ = grads
-        used = [j for j, g in enumerate(grad_mixed) if g is not None]
-        grad_mixed = [grad_mixed[j].to(weights.dtype) for j in used]
-        weights_used = weights[..., used]  # [..., n, S']
+        *grad_mixed, grad_lse, _ = grads  # unused outputs' gradients arrive as zeros (materialize_grads)
+        grad_mixed = [g.to(weights.dtype) for g in grad_mixed]
+        values = [v.to(weights.dtype) for v in sources]
         # mixed_j = sum_i weights_ij v_i
-        grad_weights = torch.zeros_like(weights)
-        if used:
-            grad_weights[..., used] = torch.stack(
-                [torch.stack([torch.linalg.vecdot(g, v.to(g.dtype)) for g in grad_mixed], dim=-1) for v in sources],
-                dim=-2,
-            )
+        grad_weights = torch.stack(
+            [torch.stack([torch.linalg.vecdot(g, v) for g in grad_mixed], dim=-1) for v in values], dim=-2
+        )
         # weights = exp(logits - lse): softmax backward, plus d lse / d logits = weights
-        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(-2, keepdim=True))
-        if grad_lse is not None:
-            grad_logits = grad_logits + weights * grad_lse.unsqueeze(-2)
+        grad_logits = weights * (
+            grad_weights - (weights * grad_weights).sum(-2, keepdim=True) + grad_lse.unsqueeze(-2)
+        )
         grad_queries, grad_sources = 0, []
-        for i, v in enumerate(sources):
+        for i, (v, source) in enumerate(zip(values, sources)):
             grad_v, grad_q = _key_logits_backward(grad_logits[..., i, :], v, queries, dot[..., i, :], inv_rms[..., i, :])
-            if used:
-                grad_v += _mix(weights_used[..., i, :].unbind(-1), grad_mixed)
+            grad_v += _mix(weights[..., i, :].unbind(-1), grad_mixed)
             grad_queries = grad_queries + grad_q
-            grad_sources.append(grad_v.to(v.dtype))
+            grad_sources.append(grad_v.to(source.dtype))
         return grad_queries, None, *grad_sources
 
 
@@ -256,19 +247,19 @@ class _Merge(torch.autograd.Function):
 def block_phase1(residuals: list["AttnResidual"], sources: list[torch.Tensor]) -> BlockPhase1:
     """Phase 1 for the sublayers of one block (`residuals`, in order) over the completed `sources`."""
     queries = effective_queries(residuals, torch.promote_types(sources[0].dtype, torch.float32))
-    *mixed, lse, weights = _Phase1.apply(queries, residuals[0].key_norm.variance_epsilon, *sources)
-    return BlockPhase1(sources, tuple(mixed), lse, weights)
+    eps = residuals[0].key_norm.variance_epsilon
+    *mixed, lse, weights = _Phase1.apply(queries, eps, *sources)
+    return BlockPhase1(sources, queries, eps, tuple(mixed), lse, weights)
 
 
 def two_phase_attention(
-    attn_res: "AttnResidual", phase1: BlockPhase1, column: int, partial: torch.Tensor | None
+    phase1: BlockPhase1, column: int, partial: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Depth attention of the block's `column`-th sublayer: phase 1's result merged with the partial sum."""
     weights, mixed = phase1.weights[..., column], phase1.mixed[column]
     if partial is None:  # the block's first sublayer: every source is complete
         return mixed.to(phase1.sources[0].dtype), weights
-    query = effective_queries([attn_res], phase1.lse.dtype)
-    partial_logit = key_logits(partial, query, attn_res.key_norm.variance_epsilon)[..., 0]
+    partial_logit = key_logits(partial, phase1.queries[:, column, None], phase1.eps)[..., 0]
     beta = torch.sigmoid(partial_logit - phase1.lse[..., column])
     if torch.is_grad_enabled():
         h = _Merge.apply(mixed, partial, beta, weights, *phase1.sources)
@@ -340,7 +331,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         if phase1 is None:
             return attn_res(blocks + [partial])
         column = self.block_columns[sublayer]  # phase 1 saw every source but this block's partial sum
-        return two_phase_attention(attn_res, phase1, column, None if column == 0 else partial)
+        return two_phase_attention(phase1, column, None if column == 0 else partial)
 
     def forward(
         self,
