@@ -16,6 +16,7 @@ activations + gradients + the loss), twice per model:
 
     python benchmarks/overhead.py                 # the full measurement (~15 min on 2 cores)
     python benchmarks/overhead.py --quick         # smaller shapes, for a smoke run
+    python benchmarks/overhead.py --device cuda --dtype bfloat16   # on a GPU (peak memory: max_memory_allocated)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ TARGETS = {"train_step": ("<=", 1.05), "prefill": ("<=", 1.03), "decode_tok_s": 
            "peak_rss_default": ("<=", 1.10), "saved_activations": ("<=", 1.10)}
 # glibc: a fixed mmap threshold of 64 KiB serves every tensor-sized allocation by mmap and returns it on free
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build(kind: str, args) -> torch.nn.Module:
@@ -55,21 +57,31 @@ def build(kind: str, args) -> torch.nn.Module:
             for name, p in model.named_parameters():
                 if name.endswith("pseudo_query"):
                     p.normal_(0, 0.05)
-    return model
+    return model.to(args.device, DTYPES[args.dtype])
+
+
+def sync(device) -> None:
+    """CUDA runs asynchronously: a timer must wait for the queued kernels."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train_step(model, ids) -> float:
+    sync(ids.device)
     t = time.perf_counter()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
+    sync(ids.device)
     return time.perf_counter() - t
 
 
 @torch.no_grad()
 def prefill(model, ids) -> float:
+    sync(ids.device)
     t = time.perf_counter()
     model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    sync(ids.device)
     return time.perf_counter() - t
 
 
@@ -78,23 +90,31 @@ def decode_tok_s(model, prompt, new_tokens: int) -> float:
     """Tokens/s of the decode phase alone (prefill excluded), greedy, batch 1."""
     out = model(input_ids=prompt, use_cache=True)
     cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync(prompt.device)
     t = time.perf_counter()
     for _ in range(new_tokens):
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
         cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync(prompt.device)
     return new_tokens / (time.perf_counter() - t)
 
 
 def peak_rss_child(kind: str, argv: list[str], env: dict[str, str] | None = None) -> float:
     """Peak RSS (MB) of one training step in a fresh process, so models do not share an allocator."""
     cmd = [sys.executable, __file__, *argv, "--child-peak-mem", kind]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})}).stdout
-    return float(out.strip().splitlines()[-1])
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if done.returncode:
+        sys.exit(f"the peak-memory run of {kind} failed:\n{done.stderr[-3000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def child_peak_mem(kind: str, args) -> None:
     model = build(kind, args).train()
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(args.device)
+        train_step(model, ids)
+        return print(torch.cuda.max_memory_allocated(args.device) / 2**20)
     train_step(model, ids)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so it would report the parent's peak
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
@@ -114,7 +134,7 @@ def saved_activation_mb(model, ids) -> float:
         storage = t.untyped_storage()
         if storage.data_ptr() not in params:
             storages[storage.data_ptr()] = storage.nbytes()
-        return t
+        return t.detach()  # not t: a saved output holding its own grad_fn is a cycle that never frees
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=ids, labels=ids).loss
@@ -136,6 +156,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per model and metric (after one warm-up)")
     p.add_argument("--modes", default="block,full", help="AttnRes modes to compare with Llama")
     p.add_argument("--metrics", default="train_step,prefill,decode_tok_s,peak_mem", help="subset to measure")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child-peak-mem", help=argparse.SUPPRESS)
@@ -148,10 +170,12 @@ def main() -> None:
 
     kinds = ["llama", *args.modes.split(",")]
     metrics = set(args.metrics.split(","))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; dims: {args.layers} layers, hidden "
-          f"{args.hidden}, batch {args.batch} x {args.seq}, fp32, sdpa", flush=True)
+    cuda = torch.device(args.device).type == "cuda"
+    where = torch.cuda.get_device_name(args.device) if cuda else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {where}; dims: {args.layers} layers, hidden {args.hidden}, "
+          f"batch {args.batch} x {args.seq}, {args.dtype}, sdpa", flush=True)
     models = {k: build(k, args) for k in kinds}
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     prompt = ids[:1, :32]
     timers = {
         "train_step": lambda m: train_step(m.train(), ids),
@@ -172,14 +196,20 @@ def main() -> None:
             print(f"  {metric} rep {rep}{' (warm-up)' if not rep else ''}: " + ", ".join(line), flush=True)
     saved = {k: saved_activation_mb(models[k].train(), ids) for k in kinds} if "peak_mem" in metrics else {}
     del models
+    if cuda:  # give the cached blocks back, or the children measuring peak memory run out of it
+        torch.cuda.empty_cache()
 
     argv = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
-            ("layers", "hidden", "intermediate", "heads", "kv-heads", "vocab", "batch", "seq")]
+            ("layers", "hidden", "intermediate", "heads", "kv-heads", "vocab", "batch", "seq", "device", "dtype")]
     peak = {k: [] for k in kinds}
     peak_default = {k: [] for k in kinds}
-    for _ in range(2 if "peak_mem" in metrics else 0):  # interleaved too
+    # interleaved too; on CUDA one round, as the caching allocator's peak is exact
+    for _ in range((1 if cuda else 2) if "peak_mem" in metrics else 0):
         for k in kinds:
             peak[k].append(peak_rss_child(k, argv, LIVE_MEMORY_ENV))
+            if cuda:  # the caching allocator's own peak: exact, nothing to compare it with
+                print(f"  peak memory {k}: {peak[k][-1]:.0f} MB (max_memory_allocated)", flush=True)
+                continue
             peak_default[k].append(peak_rss_child(k, argv))
             print(f"  peak memory {k}: {peak[k][-1]:.0f} MB (default allocator: {peak_default[k][-1]:.0f} MB)", flush=True)
     results = {}
@@ -194,6 +224,8 @@ def main() -> None:
         line = []
         for metric, (op, target) in TARGETS.items():
             if metric not in metrics and not (metric in ("saved_activations", "peak_rss_default") and "peak_mem" in metrics):
+                continue
+            if results["llama"][metric] != results["llama"][metric]:  # NaN: not measured on this device
                 continue
             r = results[k][metric] / results["llama"][metric]
             ok = r <= target if op == "<=" else r >= target
