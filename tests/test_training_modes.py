@@ -145,6 +145,32 @@ def test_streaming_jsonl_holds_out_first_documents_and_trains(tmp_path):
     assert result.eval_after["loss"] < result.eval_before["loss"]
 
 
+def test_streaming_never_trains_on_held_out_documents_in_any_pass(tmp_path):
+    """Each pass re-shuffles the stream (set_epoch): the held-out documents must stay the file's first N."""
+    from contextlib import nullcontext
+
+    from hf_attnres.training.data import build_train_data
+
+    texts = [f"document {i} " * 5 for i in range(30)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = TrainConfig(model="unused", output_dir=str(tmp_path / "run"), data=[str(tmp_path / "docs.jsonl")],
+                      streaming=True, validation_documents=4, max_steps=1, seq_len=8)
+    data = build_train_data(cfg, _WordTokenizer(), nullcontext)
+    stream = data.train_stream.ds
+    for epoch in range(3):
+        stream.set_epoch(epoch)
+        assert sorted(d["text"] for d in stream) == sorted(texts[4:]), epoch
+
+
+class _WordTokenizer:
+    """Tokenizer stand-in for packing: one id per word."""
+
+    eos_token_id = 0
+
+    def __call__(self, texts, **kwargs):
+        return {"input_ids": [[len(w) for w in t.split()] for t in texts]}
+
+
 def test_sharded_final_save_rebuilds_a_plain_model_from_the_gathered_state_dict(inputs):
     """The FSDP2 / ZeRO-3 save path: a fresh AttnResForCausalLM with the gathered weights, tied embeddings."""
     from transformers import AutoModelForCausalLM

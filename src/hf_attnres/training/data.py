@@ -162,10 +162,6 @@ class TrainData:
     val_blocks: torch.Tensor | None
     description: str
 
-    @property
-    def num_train_tokens(self) -> int | None:
-        return None if self.train_blocks is None else self.train_blocks.numel()
-
 
 def build_train_data(cfg, tokenizer, main_process_first) -> TrainData:
     """Load, split and pack the data of a `TrainConfig` (tokenisation runs on the main process first)."""
@@ -177,12 +173,14 @@ def build_train_data(cfg, tokenizer, main_process_first) -> TrainData:
             val_load = dict(load, split=cfg.validation_split or load["split"])
             val_docs = load_documents(cfg.validation_data or cfg.data, streaming=False, **val_load)
         if cfg.streaming:
-            docs = docs.shuffle(seed=cfg.seed, buffer_size=1000)
             if val_docs is None and cfg.validation_documents > 0:
                 import datasets
 
+                # held out before the shuffle: each pass re-shuffles (set_epoch), and a split after it would
+                # hold out different documents per pass, training on the earlier passes' held-out ones
                 val_docs = datasets.Dataset.from_list(list(docs.take(cfg.validation_documents)))
                 docs = docs.skip(cfg.validation_documents)
+            docs = docs.shuffle(seed=cfg.seed, buffer_size=1000)
             stream = PackedStream(docs, tokenizer, cfg.seq_len)
             train_blocks = None
         else:
