@@ -35,9 +35,9 @@ _REPORT_PEAK = """
 try:
     status = open("/proc/self/status").read()
     print(int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM:"))) * 1024)
-except OSError:
-    import resource
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+except OSError:  # no /proc (macOS, where ru_maxrss is in bytes; Linux reports KiB)
+    import resource, sys
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
 """
 
 
@@ -53,10 +53,10 @@ def peak_rss(code: str) -> int:
     return int(proc.stdout.split()[-1])
 
 
-def conversion_memory(src: Path, out: Path, **kwargs) -> dict[str, float]:
+def conversion_memory(src: Path, out: Path) -> dict[str, float]:
     """Peak RSS of converting `src` (no verification) and of a process importing the same modules, in MB,
     with the largest input shard for comparison."""
-    args = {"verify": False, "progress": False, **kwargs}
+    args = {"verify": False, "progress": False}
     convert = f"{IMPORTS}\nconvert_checkpoint({str(src)!r}, {str(out)!r}, **{args!r})"
     baseline, peak = peak_rss(IMPORTS), peak_rss(convert)
     largest = max(p.stat().st_size for p in src.glob("*.safetensors"))

@@ -16,24 +16,20 @@ import time
 
 import torch
 
-from hf_attnres.modeling import modeling_attnres as modeling
+from overhead import DTYPES, sync  # benchmarks/ is on the path when this script runs
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from hf_attnres.modeling import modeling_attnres as modeling
 
 
 def timed(fn, device: str, repeats: int) -> float:
     """Median seconds of `fn` after one warm-up, waiting for queued GPU work."""
-    def sync():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-
     fn()
     times = []
     for _ in range(repeats):
-        sync()
+        sync(device)
         t = time.perf_counter()
         fn()
-        sync()
+        sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 

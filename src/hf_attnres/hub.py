@@ -95,3 +95,18 @@ def save_for_hub(
         if model_card is not None:
             (tmp / "README.md").write_text(model_card, encoding="utf-8")
     return path
+
+
+def push_folder(folder: str | Path, repo_id: str, *, commit_message: str, private: bool | None = None,
+                api=None) -> tuple[str, str]:
+    """Upload a finished folder to the Hub, creating the repo if needed; returns (repo id, commit URL).
+
+    The repo id is the one `create_repo` returns: a bare name gains the user's namespace.
+    """
+    from huggingface_hub import HfApi
+
+    api = api or HfApi()
+    repo = api.create_repo(repo_id, private=private, exist_ok=True)
+    repo_id = getattr(repo, "repo_id", repo_id)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)
+    return repo_id, str(getattr(commit, "commit_url", commit))

@@ -19,7 +19,7 @@ import torch
 
 from .. import hub
 from ..model_card import markdown_table, render_model_card
-from ..modeling import ATTN_RES_MODULE_NAMES, AttnResConfig, AttnResForCausalLM
+from ..modeling import AttnResConfig, AttnResForCausalLM, is_attn_res_param
 from ..modeling.modeling_attnres import AttnResidual
 from .families import attnres_config, expected_shapes, is_ignored_source_tensor, some_names
 from .sources import Source, open_source
@@ -120,14 +120,14 @@ def plan_tensors(source: Source, config: AttnResConfig) -> list[TensorRef]:
     differences. A tied `lm_head.weight` is dropped (transformers ties it on load, as `save_pretrained` drops it).
     """
     expected = expected_shapes(config)
-    new = {n for n in expected if any(f".{m}." in f".{n}" for m in ATTN_RES_MODULE_NAMES)}
+    new = [n for n in expected if is_attn_res_param(n)]  # in the model's own (layer) order
     stored = [
         t
         for t in source.tensors
         if not is_ignored_source_tensor(t.name) and not (config.tie_word_embeddings and t.name == "lm_head.weight")
     ]
     names = {t.name for t in stored}
-    wanted = set(expected) - new
+    wanted = set(expected) - set(new)
     problems = []
     if wanted - names:
         problems.append(f"missing {some_names(wanted - names)}")
@@ -146,15 +146,10 @@ def plan_tensors(source: Source, config: AttnResConfig) -> list[TensorRef]:
             + ". Check that config.json belongs to these weights."
         )
     init = AttnResidual(config).state_dict()  # the model's own initial values: zero query, unit key norm
-    for name in sorted(new, key=_layer_order):
+    for name in new:
         value = init[next(k for k in init if name.endswith("." + k))]
         stored.append(LoadedTensor(name=name, shape=tuple(value.shape), dtype=value.dtype, load=lambda v=value: v))
     return stored
-
-
-def _layer_order(name: str) -> tuple[int, str]:
-    parts = name.split(".")
-    return (int(parts[2]) if parts[1] == "layers" else 1 << 30, name)
 
 
 def _check_paths(source: Source, out: Path) -> None:
@@ -164,15 +159,20 @@ def _check_paths(source: Source, out: Path) -> None:
         raise ValueError(f"the output {out} overlaps the source {source.path}: write the conversion somewhere else.")
 
 
+def _verification_bytes(num_parameters: int) -> float:
+    """Memory verification needs: one fp32 model at a time (x1.5 while loading) plus 1 GiB of activations."""
+    return num_parameters * 4 * 1.5 + (1 << 30)
+
+
 def _fits_in_memory(num_parameters: int) -> bool:
-    """Whether verification (one fp32 model at a time, plus activations) fits in the available RAM."""
+    """Whether verification fits in the available RAM."""
     try:
         import psutil
 
         available = psutil.virtual_memory().available
     except ImportError:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return num_parameters * 4 * 1.5 + (1 << 30) < available
+    return _verification_bytes(num_parameters) < available
 
 
 def convert_checkpoint(
@@ -216,7 +216,7 @@ def convert_checkpoint(
         if not verify:
             logger.warning(
                 "Not verifying: two-pass verification needs about %.1f GB of free memory.",
-                source.num_parameters * 6 / 1e9,
+                _verification_bytes(source.num_parameters) / 1e9,
             )
     settings = {
         "source": _source_name(source),
@@ -236,7 +236,7 @@ def convert_checkpoint(
         if verify:
             logger.info("Verifying against the source (%s) ...", type(source.config).__name__)
             result = verify_conversion(
-                source.load_model,
+                lambda: source.load_model(keep=isinstance(src, Source)),  # ours alone: no copy needed
                 lambda: AttnResForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval(),
                 source.load_tokenizer(),
                 out_dtype=out_dtype,
@@ -333,18 +333,12 @@ def _figures(result: Verification | None) -> str | None:
 
 def upload(folder: Path, repo_id: str, private: bool | None = None) -> str:
     """Upload a finished folder to the Hub with huggingface_hub (creates the repo if needed)."""
-    from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    api = HfApi()
     try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(
-            folder_path=folder, repo_id=url.repo_id, commit_message="Upload AttnRes conversion (hf-attnres)"
-        )
+        return hub.push_folder(folder, repo_id, private=private, commit_message="Upload AttnRes conversion (hf-attnres)")[0]
     except (HfHubHTTPError, OSError) as e:
         raise RuntimeError(
             f"the conversion is complete in {folder}, but uploading it to {repo_id!r} failed ({e}). "
             "Check `hf auth login` and retry with `hf upload`."
         ) from e
-    return url.repo_id

@@ -87,13 +87,17 @@ class Source:
             return GenerationConfig.from_pretrained(self.folder)
         return None
 
-    def load_model(self) -> torch.nn.Module:
+    def load_model(self, keep: bool = True) -> torch.nn.Module:
         """The source as transformers' own model class (LlamaForCausalLM, ...), fp32, for verification.
 
-        A fresh model the caller may modify (verification rounds it to the output dtype): for GGUF, a copy
-        of the dequantised model, so that `self.model` stays as loaded for further conversions.
+        A fresh model the caller may modify (verification rounds it to the output dtype). For GGUF, a copy of
+        the dequantised model, so that `self.model` stays as loaded for further conversions; `keep=False`
+        hands that model over instead (a source opened for one conversion), so it is not held twice.
         """
         if self.model is not None:
+            if not keep:
+                model, self.model = self.model, None
+                return model.float().eval()
             return copy.deepcopy(self.model).float().eval()
         from transformers import AutoModelForCausalLM
 
@@ -160,7 +164,7 @@ def _open_folder(folder: Path, spec: str, kind: str) -> Source:
             f"{folder} has no weights in transformers format ({SINGLE_FILE}, {INDEX_FILE}, {BIN_FILE} or "
             f"{BIN_INDEX_FILE}).{hint}"
         )
-    card = _readme_metadata(folder)
+    card = readme_metadata(folder)
     base_model = spec if kind == "hub" else _repo_id_from_cache_path(folder)
     return Source(
         spec=spec,
@@ -379,7 +383,8 @@ def _stored_dtype(config: PretrainedConfig, tensors: list[TensorRef]) -> torch.d
     return Counter(t.dtype for t in tensors).most_common(1)[0][0]
 
 
-def _readme_metadata(folder: Path) -> dict:
+def readme_metadata(folder: Path) -> dict:
+    """The YAML front matter of `folder`'s README.md (a model card), or {} when there is none."""
     readme = folder / "README.md"
     try:
         return (metadata_load(readme) or {}) if readme.is_file() else {}

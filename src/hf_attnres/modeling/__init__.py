@@ -11,6 +11,12 @@ from .modeling_attnres import (
     depth_attention,
 )
 
+
+def is_attn_res_param(name: str) -> bool:
+    """Whether a parameter name (plain, PEFT- or FSDP-prefixed) belongs to an AttnRes module."""
+    return any(part in ATTN_RES_MODULE_NAMES for part in name.split("."))
+
+
 __all__ = [
     "ATTNRES_VERSION",
     "ATTN_RES_MODULE_NAMES",
@@ -22,4 +28,5 @@ __all__ = [
     "AttnResPreTrainedModel",
     "default_block_size",
     "depth_attention",
+    "is_attn_res_param",
 ]

@@ -205,10 +205,7 @@ class _Phase1(torch.autograd.Function):
             logits, dot, inv_rms = (torch.stack(t, dim=-2) for t in zip(*(_key_logits(v, queries, eps) for v in sources)))
         lse = logits.logsumexp(dim=-2)  # [..., S]
         weights = (logits - lse.unsqueeze(-2)).exp()  # [..., n, S]
-        if ctx.stacked:
-            mixed = (weights.mT @ values).unbind(-2)
-        else:
-            mixed = [_mix(w.unbind(-1), sources) for w in weights.unbind(-1)]
+        mixed = (weights.mT @ values).unbind(-2) if ctx.stacked else [_mix(w.unbind(-1), sources) for w in weights.unbind(-1)]
         ctx.save_for_backward(queries, dot, inv_rms, weights, *sources)
         ctx.mark_non_differentiable(weights)
         return (*mixed, lse, weights)
@@ -460,7 +457,7 @@ class AttnResModel(AttnResPreTrainedModel):
         decoding-sized inputs (fewer ops without it), activation checkpointing (phase 1's outputs would be
         kept across the block) and parameters not materialised yet."""
         size = self.config.sublayers_per_block
-        if size is None or size < 2 or not self.layers[first_layer].block_starts[0]:
+        if size is None or size < 2:
             return None
         if not torch.is_grad_enabled() and sources[0][..., 0].numel() <= STACKED_MAX_TOKENS:
             return None

@@ -53,15 +53,14 @@ def evaluate(model, dataloader, accelerator, *, depth_entropy: bool = True) -> d
         out = model(input_ids=batch["input_ids"], output_depth_attentions=depth_entropy, use_cache=False)
         sums, counts = token_loss_sums(out.logits, batch["labels"])
         ent = normalised_entropy_sums(out.depth_attentions) if depth_entropy else None
-        seq = torch.full_like(counts, batch["input_ids"].shape[1])
-        gathered = accelerator.gather_for_metrics((sums, counts, seq) if ent is None else (sums, counts, seq, ent))
+        gathered = accelerator.gather_for_metrics((sums, counts) if ent is None else (sums, counts, ent))
         loss_sum += gathered[0].double().sum().item()
         count += int(gathered[1].sum().item())
         if ent is not None:
-            entries = gathered[3].shape[1]
-            s = gathered[3].double().sum(0)
+            entries = gathered[2].shape[1]
+            s = gathered[2].double().sum(0)
             entropy_sum = s if entropy_sum is None else entropy_sum + s
-            n_tokens_entropy += int(gathered[2].sum().item())
+            n_tokens_entropy += gathered[0].shape[0] * batch["input_ids"].shape[1]  # rows kept x tokens per row
     model.train(was_training)
     if count == 0:
         raise ValueError("the evaluation data has no target tokens.")

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ..modeling import ATTN_RES_MODULE_NAMES
+from ..conversion.convert import convert_checkpoint, parse_dtype
+from ..modeling import ATTN_RES_MODULE_NAMES, is_attn_res_param
 
 # Linear layers of an AttnRes decoder layer (Llama's): PEFT has no default list for model_type "attnres".
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -27,8 +26,6 @@ class ModelSource:
 
     path: str  # an AttnRes folder or Hub id that from_pretrained loads
     base_model: str  # what the user gave (Llama folder, GGUF, Hub id)
-    converted: bool
-    conversion_report: object | None = None
 
 
 def _local_model_type(src: str) -> str | None:
@@ -59,21 +56,13 @@ def resolve_model_source(cfg, converted_dir: Path, is_main: bool) -> ModelSource
     """
     src = cfg.model
     if not _needs_conversion(src):
-        return ModelSource(path=src, base_model=src, converted=False)
+        return ModelSource(path=src, base_model=src)
     if (converted_dir / "config.json").is_file():
-        return ModelSource(path=str(converted_dir), base_model=src, converted=True)
+        return ModelSource(path=str(converted_dir), base_model=src)
     if not is_main:
         raise RuntimeError("conversion must run on the main process first")
-    try:
-        from ..conversion import convert_checkpoint
-    except ImportError as e:
-        raise RuntimeError(
-            f"{src} is not an AttnRes model and this install has no converter (hf_attnres.conversion): "
-            "convert it first with `hf-attnres convert`, then pass the converted folder."
-        ) from e
-    report = convert_checkpoint(src, converted_dir, mode=cfg.convert_mode, block_size=cfg.block_size,
-                                verify=cfg.convert_verify)
-    return ModelSource(path=str(converted_dir), base_model=src, converted=True, conversion_report=report)
+    convert_checkpoint(src, converted_dir, mode=cfg.convert_mode, block_size=cfg.block_size, verify=cfg.convert_verify)
+    return ModelSource(path=str(converted_dir), base_model=src)
 
 
 def load_model(path: str, dtype: str | None = None):
@@ -82,7 +71,7 @@ def load_model(path: str, dtype: str | None = None):
 
     import hf_attnres  # noqa: F401  (registers the Auto classes)
 
-    torch_dtype = DTYPES[dtype] if dtype else torch.float32
+    torch_dtype = parse_dtype(dtype) or torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     if getattr(model.config, "model_type", None) != "attnres":
         raise ValueError(f"{path} is a {model.config.model_type!r} model, not AttnRes.")
@@ -96,10 +85,8 @@ def apply_train_mode(model, cfg):
         model.requires_grad_(True)
         return model
     if cfg.train_mode == "attnres-only":
-        model.requires_grad_(False)
-        for name, module in model.named_modules():
-            if name.split(".")[-1] in ATTN_RES_MODULE_NAMES:
-                module.requires_grad_(True)
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_attn_res_param(name))
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("attnres-only: this model has no AttnRes parameters (attn_res_mode 'none'?).")
         return model

@@ -12,12 +12,7 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..modeling import ATTN_RES_MODULE_NAMES
-
-
-def is_attn_res_param(name: str) -> bool:
-    """Whether a parameter name (plain, PEFT- or FSDP-prefixed) belongs to an AttnRes module."""
-    return any(part in ATTN_RES_MODULE_NAMES for part in name.split("."))
+from ..modeling import is_attn_res_param
 
 
 def param_groups(model: torch.nn.Module, lr: float, attnres_lr: float, weight_decay: float) -> list[dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import hub
 from ..hub import atomic_output_dir, save_for_hub
 from ..model_card import render_model_card
 
@@ -119,10 +120,5 @@ def save_final_model(accelerator, model, tokenizer, out_dir: Path, summary: dict
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, api=None) -> str:
     """Upload a saved folder to the Hub (creating the repo); returns the commit URL."""
-    from huggingface_hub import HfApi
-
-    api = api or HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
-                               commit_message="Upload AttnRes model trained with hf-attnres")
-    return str(getattr(commit, "commit_url", commit))
+    return hub.push_folder(folder, repo_id, private=private, api=api,
+                           commit_message="Upload AttnRes model trained with hf-attnres")[1]

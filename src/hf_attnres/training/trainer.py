@@ -245,8 +245,8 @@ def accumulate_gradients(accelerator, model, micro: list[dict]) -> float:
     micro-batch like a full one.
     """
     world, accum = accelerator.num_processes, len(micro)
-    local = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
-    n_items = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum")
+    local = sum((mb["labels"][:, 1:] != -100).sum() for mb in micro).to(accelerator.device)  # no per-batch sync
+    n_items = accelerator.reduce(local, "sum")
     if int(n_items) == 0:
         raise ValueError("a training step has no target tokens (all labels are -100).")
     step_loss = torch.zeros((), device=accelerator.device)
@@ -273,7 +273,7 @@ def _train_loop(cfg, accelerator, model, optimizer, scheduler, batches, state, t
     while state.step < total_steps:
         t0 = time.perf_counter()
         micro = [next(stream) for _ in range(accum)]
-        step_loss = accumulate_gradients(accelerator, model, micro)
+        loss = accumulate_gradients(accelerator, model, micro)
         grad_norm = None
         if cfg.max_grad_norm and accelerator.sync_gradients:
             # the parameter list is taken now: FSDP2 swaps sharded/unsharded parameter objects between passes
@@ -286,7 +286,6 @@ def _train_loop(cfg, accelerator, model, optimizer, scheduler, batches, state, t
         state.step += 1
         state.tokens += batches.per_step * cfg.seq_len
         seconds += time.perf_counter() - t0
-        loss = step_loss
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}")
         record = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": state.tokens,
