@@ -53,10 +53,10 @@ def main() -> None:
 
         def forward():
             with torch.no_grad():
-                modeling._Phase1.apply(queries, 1e-5, *sources)
+                modeling._Phase1.apply(queries, 1e-5, {}, *sources)
 
         def forward_backward():
-            *mixed, lse, _ = modeling._Phase1.apply(queries, 1e-5, *sources)
+            *mixed, lse, _ = modeling._Phase1.apply(queries, 1e-5, {}, *sources)
             torch.autograd.grad([*mixed, lse], [queries, *sources], [torch.ones_like(m) for m in (*mixed, lse)])
 
         result = {}

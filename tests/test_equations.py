@@ -216,12 +216,12 @@ def test_bf16_training_gradients_within_transcription_floor(mode, device, phase1
 
 def test_two_phase_gradcheck_float64(phase1_variant):
     """Both phases' custom autograd functions pass torch's finite-difference gradcheck (in fp64)."""
-    from hf_attnres.modeling.modeling_attnres import _Merge, _Phase1
+    from hf_attnres.modeling.modeling_attnres import _Phase1, _Phase2
 
     torch.manual_seed(0)
     sources = [torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     queries = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
-    outputs = _Phase1.apply(queries, 1e-5, *sources)
+    outputs = _Phase1.apply(queries, 1e-5, {}, *sources)
     # phase 1 against the transcription, sublayer by sublayer
     for j in range(4):
         ref, _ = attn_res(queries[:, j], torch.ones(8, dtype=torch.float64), 1e-5, sources)
@@ -229,16 +229,27 @@ def test_two_phase_gradcheck_float64(phase1_variant):
     weights = outputs[-1]
 
     def phase1(q, *s):
-        *mixed, lse, _ = _Phase1.apply(q, 1e-5, *s)
+        *mixed, lse, _ = _Phase1.apply(q, 1e-5, {}, *s)
         return (*mixed, lse)
 
     assert torch.autograd.gradcheck(phase1, (queries, *sources))
     partial = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
-    beta = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
-    # the backward recomputes <grad, mixed> from the sources: mixed must be their weights' mix
-    w1 = weights[..., 1]  # non-differentiable output of phase 1
-    mixed = sum(w[..., None] * v for w, v in zip(w1.unbind(-1), sources)).detach().requires_grad_()
-    assert torch.autograd.gradcheck(lambda m, p, b: _Merge.apply(m, p, b, w1, *sources), (mixed, partial, beta))
+    mixed = outputs[1].detach().requires_grad_()
+    lse = outputs[-2].detach()[..., 1].requires_grad_()
+
+    def phase2(m, p, q, l):  # the backward recomputes <grad, mixed> from the sources and weights
+        return _Phase2.apply(m, p, q, l, weights[..., 1], 1e-5, {}, 1, *sources)[0]
+
+    assert torch.autograd.gradcheck(phase2, (mixed, partial, queries[:, 1].detach().requires_grad_(), lse))
+
+    def both_phases(q, p, *s):  # phase 1's backward reuses the dots phase 2's backward left for it
+        merge_dots = {}
+        *mixed, lse, weights = _Phase1.apply(q, 1e-5, merge_dots, *s)
+        return tuple(
+            _Phase2.apply(mixed[j], p, q[:, j], lse[..., j], weights[..., j], 1e-5, merge_dots, j, *s)[0] for j in (1, 2, 3)
+        )
+
+    assert torch.autograd.gradcheck(both_phases, (queries, partial, *sources))
 
 
 @torch.no_grad()

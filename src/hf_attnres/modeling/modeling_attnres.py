@@ -113,8 +113,17 @@ def key_logits(value: torch.Tensor, queries: torch.Tensor, eps: float) -> torch.
 
 
 def effective_queries(attn_residuals: list["AttnResidual"], dtype: torch.dtype) -> torch.Tensor:
-    """[d, k] matrix of w * gamma: RMSNorm(v) = gamma * v / rms(v), so w . RMSNorm(v) = (w * gamma) . v / rms(v)."""
-    return torch.stack([r.pseudo_query.to(dtype) * r.key_norm.weight.to(dtype) for r in attn_residuals], dim=-1)
+    """[d, k] matrix of w * gamma: RMSNorm(v) = gamma * v / rms(v), so w . RMSNorm(v) = (w * gamma) . v / rms(v).
+
+    Stored as k contiguous rows (the [d, k] matrix is their transpose), so one query `[:, j]` is contiguous:
+    a strided vector makes the CPU matmuls with it about half again slower."""
+    return torch.stack([r.pseudo_query.to(dtype) * r.key_norm.weight.to(dtype) for r in attn_residuals]).mT
+
+
+def _to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` without a dispatch when it already is: decoding runs one depth attention per
+    sublayer on a single token, where each op's fixed cost is the whole cost."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def depth_attention(
@@ -126,16 +135,15 @@ def depth_attention(
     softmax are fp32 whatever the model dtype; the values stay raw (un-normalised), as in the paper.
     """
     dtype = torch.promote_types(sources[0].dtype, torch.float32)  # fp32 under bf16/fp16
-    query = pseudo_query.to(dtype) * key_norm.weight.to(dtype)
-    eps = key_norm.variance_epsilon
+    query = _to(pseudo_query, dtype) * _to(key_norm.weight, dtype)
+    eps, d = key_norm.variance_epsilon, sources[0].shape[-1]
     grad = torch.is_grad_enabled()
-    if not grad and sources[0][..., 0].numel() <= STACKED_MAX_TOKENS:
+    if not grad and sources[0].numel() <= STACKED_MAX_TOKENS * d:
         # decoding: a handful of tokens, so the number of ops is the cost, not memory: stack once
-        values = torch.stack(sources, dim=-2).to(dtype)
-        mean_square = torch.linalg.vecdot(values, values).div_(values.shape[-1])
-        logits = (values @ query).mul_(mean_square.add_(eps).rsqrt_())
-        alpha = logits.softmax(dim=-1)
-        return (alpha.unsqueeze(-2) @ values).squeeze(-2).to(sources[0].dtype), alpha
+        values = _to(torch.stack(sources, dim=-2), dtype)
+        inv_rms = torch.linalg.vecdot(values, values).div_(d).add_(eps).rsqrt_()
+        alpha = (values @ query).mul_(inv_rms).softmax(dim=-1)
+        return _to((alpha.unsqueeze(-2) @ values).squeeze(-2), sources[0].dtype), alpha
     alpha = torch.stack([key_logits(v, query[:, None], eps)[..., 0] for v in sources], dim=-1).softmax(dim=-1)
     # The weighted sum accumulates in fp32 too: one rounding to bf16 at the end, not one per source.
     h = alpha[..., 0, None] * sources[0]
@@ -159,8 +167,9 @@ def depth_attention(
 #     h_j = (1 - beta) * phase1_j + beta * p  =  sum_i alpha_{i->j} v_i        (exact, not approximate)
 #
 # In training this is what keeps AttnRes cheap: phase 1's backward gives each completed source its gradient
-# from all S sublayers at once (no per-sublayer temporaries and accumulations), and neither phase keeps for
-# backward anything of size [tokens, d] that is not a source already.
+# from all S sublayers at once (no per-sublayer temporaries and accumulations), each product <grad, v_i> is
+# taken once (phase 2's backward hands its own to phase 1's), phase 2 merges into phase 1's buffer, and
+# neither phase keeps for backward anything of size [tokens, d] that is not a source already.
 @dataclass
 class BlockPhase1:
     """Phase-1 results for one block: `mixed[j]` and `lse[..., j]` for its j-th sublayer, fp32."""
@@ -171,6 +180,7 @@ class BlockPhase1:
     mixed: tuple[torch.Tensor, ...]  # sum_i softmax_i(logits_ij) v_i, one [..., d] per sublayer
     lse: torch.Tensor  # [..., S] log-sum-exp of the logits over the sources
     weights: torch.Tensor  # [..., n, S] softmax over the sources (no gradient: `mixed` carries it)
+    merge_dots: dict  # backward only: column -> (grad of mixed, its dots with the sources), from phase 2
 
 
 # Devices where phase 1 stacks the block's sources into one [tokens, n, d] tensor and uses batched matmuls.
@@ -180,13 +190,22 @@ class BlockPhase1:
 PHASE1_STACKED_DEVICES = ("cuda",)
 
 
-def _mix(weights: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-    """sum_i weights_i v_i, in the weights' dtype (fp32): one rounding at the end under bf16, not one per
-    source. A loop of fused multiply-adds: on CPU this beats a batched matmul of many tiny matrices."""
-    out = weights[0].unsqueeze(-1) * values[0]
-    for w, v in zip(weights[1:], values[1:]):
+def _mix(weights: list[torch.Tensor], values: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i weights_i v_i (added to `out` if given), in the weights' dtype (fp32): one rounding at the end
+    under bf16, not one per source. A loop of fused multiply-adds: on CPU this beats a batched matmul of
+    many tiny matrices."""
+    if out is None:
+        out, weights, values = weights[0].unsqueeze(-1) * values[0], weights[1:], values[1:]
+    for w, v in zip(weights, values):
         out = out.addcmul_(w.unsqueeze(-1), v)
     return out
+
+
+def _dots(x: torch.Tensor, ys: list[torch.Tensor], scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., len(ys)]: the per-token dot products <x, y> for every y. One scratch buffer for all of them:
+    `torch.linalg.vecdot` allocates a [tokens, d] product per call, and fresh memory costs page faults."""
+    scratch = torch.empty_like(x) if scratch is None else scratch
+    return torch.stack([torch.mul(x, y, out=scratch).sum(-1) for y in ys], dim=-1)
 
 
 class _Phase1(torch.autograd.Function):
@@ -196,7 +215,8 @@ class _Phase1(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, queries: torch.Tensor, eps: float, *sources: torch.Tensor):
+    def forward(ctx, queries: torch.Tensor, eps: float, merge_dots: dict, *sources: torch.Tensor):
+        ctx.merge_dots = merge_dots
         ctx.stacked = sources[0].device.type in PHASE1_STACKED_DEVICES
         if ctx.stacked:
             values = torch.stack(sources, dim=-2).to(queries.dtype)  # [..., n, d]
@@ -214,6 +234,9 @@ class _Phase1(torch.autograd.Function):
     def backward(ctx, *grads):
         queries, dot, inv_rms, weights, *sources = ctx.saved_tensors
         *grad_mixed, grad_lse, _ = grads  # unused outputs' gradients arrive as zeros (materialize_grads)
+        # Phase 2's <grad_mixed_j, v_i> for the gradients it handed down (see _Phase2), if these are they
+        merged = [ctx.merge_dots.pop(j, (None, None)) for j in range(len(grad_mixed))]
+        known = [dots if grad is g else None for (grad, dots), g in zip(merged, grad_mixed)]
 
         def softmax_backward(grad_weights):  # weights = exp(logits - lse); d lse / d logits = weights
             return weights * (grad_weights - (weights * grad_weights).sum(-2, keepdim=True) + grad_lse.unsqueeze(-2))
@@ -224,52 +247,71 @@ class _Phase1(torch.autograd.Function):
             grad_values, grad_queries = _key_logits_backward(
                 softmax_backward(values @ grad_mixed.mT), values, queries, dot, inv_rms)
             grad_values += weights @ grad_mixed  # mixed_j = sum_i weights_ij v_i
-            return grad_queries, None, *(g.to(v.dtype) for g, v in zip(grad_values.unbind(-2), sources))
+            return grad_queries, None, None, *(g.to(v.dtype) for g, v in zip(grad_values.unbind(-2), sources))
         grad_mixed = [g.to(weights.dtype) for g in grad_mixed]
         values = [v.to(weights.dtype) for v in sources]
-        # mixed_j = sum_i weights_ij v_i
-        grad_weights = torch.stack(
-            [torch.stack([torch.linalg.vecdot(g, v) for g in grad_mixed], dim=-1) for v in values], dim=-2
-        )
+        # mixed_j = sum_i weights_ij v_i, so d/d weights_ij = <grad_mixed_j, v_i>
+        grad_weights = torch.stack([_dots(g, values) if d is None else d for d, g in zip(known, grad_mixed)], dim=-1)
         grad_logits = softmax_backward(grad_weights)
         grad_queries, grad_sources = 0, []
         for i, (v, source) in enumerate(zip(values, sources)):
             grad_v, grad_q = _key_logits_backward(grad_logits[..., i, :], v, queries, dot[..., i, :], inv_rms[..., i, :])
-            grad_v += _mix(weights[..., i, :].unbind(-1), grad_mixed)
+            grad_v = _mix(weights[..., i, :].unbind(-1), grad_mixed, out=grad_v)
             grad_queries = grad_queries + grad_q
             grad_sources.append(grad_v.to(source.dtype))
-        return grad_queries, None, *grad_sources
+        return grad_queries, None, None, *grad_sources
 
 
-class _Merge(torch.autograd.Function):
-    """Phase 2: h = mixed + beta * (partial - mixed).
+def _partial_weight(partial: torch.Tensor, query: torch.Tensor, lse: torch.Tensor, eps: float):
+    """(beta, q . p, 1 / rms(p)): beta = sigmoid(w_j . RMSNorm(p) - lse_j), the partial sum's share."""
+    logit, dot, inv_rms = _key_logits(partial, query[:, None], eps)
+    return torch.sigmoid(logit[..., 0] - lse), dot, inv_rms
 
+
+class _Phase2(torch.autograd.Function):
+    """Phase 2 of the block's sublayer `column`: h = mixed + beta * (partial - mixed), and beta.
+
+    The partial sum's key logit is taken here, so the backward builds its whole gradient in one buffer.
     d h / d beta needs `mixed`, a [tokens, d] tensor per sublayer; the backward recomputes its products
-    with the gradient from the sources (alive anyway) instead of keeping it.
+    with the gradient from the sources (alive anyway) instead of keeping it. Those products, scaled, are
+    also what phase 1's backward needs for the gradient of `mixed` handed down here, so they are left
+    for it in `merge_dots`: phase 1 uses them only for that very gradient tensor.
     """
 
     @staticmethod
-    def forward(ctx, mixed, partial, beta, weights, *sources):
-        ctx.save_for_backward(partial, beta, weights, *sources)
-        return torch.lerp(mixed, partial.to(mixed.dtype), beta.unsqueeze(-1))
+    def forward(ctx, mixed, partial, query, lse, weights, eps, merge_dots, column, *sources):
+        beta, dot, inv_rms = _partial_weight(partial, query, lse, eps)
+        ctx.save_for_backward(partial, query, dot, inv_rms, beta, weights, *sources)
+        ctx.merge_dots, ctx.column = merge_dots, column
+        ctx.mark_non_differentiable(beta)
+        if mixed.is_leaf or mixed._is_view():  # not phase 1's own buffer (a view: the stacked phase 1)
+            return torch.lerp(mixed, partial.to(mixed.dtype), beta.unsqueeze(-1)), beta
+        ctx.mark_dirty(mixed)  # phase 1's result is not needed again: merge into it, no new buffer
+        return mixed.lerp_(partial.to(mixed.dtype), beta.unsqueeze(-1)), beta
 
     @staticmethod
-    def backward(ctx, grad):
-        partial, beta, weights, *sources = ctx.saved_tensors
+    def backward(ctx, grad, _):
+        partial, query, dot, inv_rms, beta, weights, *sources = ctx.saved_tensors
         grad = grad.to(beta.dtype)
-        # <grad, mixed> = sum_i weights_i <grad, v_i>
-        grad_mixed_dot = sum(w * torch.linalg.vecdot(grad, v.to(grad.dtype)) for w, v in zip(weights.unbind(-1), sources))
-        grad_beta = torch.linalg.vecdot(grad, partial.to(grad.dtype)) - grad_mixed_dot
-        grad_partial = (grad * beta.unsqueeze(-1)).to(partial.dtype)
-        return grad * (1 - beta).unsqueeze(-1), grad_partial, grad_beta, None, *(None for _ in sources)
+        scratch = torch.empty_like(grad)
+        dots = _dots(grad, [partial, *sources], scratch)  # <grad, p>, <grad, v_i>
+        # <grad, mixed> = sum_i weights_i <grad, v_i>; d beta / d logit = beta (1 - beta); d logit / d lse = -1
+        grad_logit = (dots[..., 0] - torch.linalg.vecdot(weights, dots[..., 1:])) * beta * (1 - beta)
+        grad_partial, grad_query = _key_logits_backward(grad_logit[..., None], partial, query[:, None], dot, inv_rms)
+        grad_partial.addcmul_(grad, beta.unsqueeze(-1))
+        grad_mixed = torch.mul(grad, (1 - beta).unsqueeze(-1), out=scratch)  # the dots are taken: reuse it
+        ctx.merge_dots[ctx.column] = (grad_mixed, dots[..., 1:] * (1 - beta).unsqueeze(-1))
+        grads = (grad_mixed, grad_partial.to(partial.dtype), grad_query[:, 0], -grad_logit)
+        return *grads, None, None, None, None, *(None for _ in sources)
 
 
 def block_phase1(residuals: list["AttnResidual"], sources: list[torch.Tensor]) -> BlockPhase1:
     """Phase 1 for the sublayers of one block (`residuals`, in order) over the completed `sources`."""
     queries = effective_queries(residuals, torch.promote_types(sources[0].dtype, torch.float32))
     eps = residuals[0].key_norm.variance_epsilon
-    *mixed, lse, weights = _Phase1.apply(queries, eps, *sources)
-    return BlockPhase1(sources, queries, eps, tuple(mixed), lse, weights)
+    merge_dots = {}
+    *mixed, lse, weights = _Phase1.apply(queries, eps, merge_dots, *sources)
+    return BlockPhase1(sources, queries, eps, tuple(mixed), lse, weights, merge_dots)
 
 
 def two_phase_attention(
@@ -279,11 +321,11 @@ def two_phase_attention(
     weights, mixed = phase1.weights[..., column], phase1.mixed[column]
     if partial is None:  # the block's first sublayer: every source is complete
         return mixed.to(phase1.sources[0].dtype), weights
-    partial_logit = key_logits(partial, phase1.queries[:, column, None], phase1.eps)[..., 0]
-    beta = torch.sigmoid(partial_logit - phase1.lse[..., column])
+    query, lse = phase1.queries[:, column], phase1.lse[..., column]
     if torch.is_grad_enabled():
-        h = _Merge.apply(mixed, partial, beta, weights, *phase1.sources)
+        h, beta = _Phase2.apply(mixed, partial, query, lse, weights, phase1.eps, phase1.merge_dots, column, *phase1.sources)
     else:  # inference: phase 1's result is not needed again, merge into it
+        beta = _partial_weight(partial, query, lse, phase1.eps)[0]
         h = mixed.lerp_(partial.to(mixed.dtype), beta.unsqueeze(-1))
     alpha = torch.cat([weights * (1 - beta).unsqueeze(-1), beta.unsqueeze(-1)], dim=-1)
     return h.to(partial.dtype), alpha
