@@ -75,6 +75,19 @@ def test_torch_compile_forward_on_cpu():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 
+def test_torch_compile_training_step_on_cpu():
+    """Compiled training (forward and backward through the two-phase autograd functions, whose backwards
+    pass products to each other) gives eager's gradients; inductor only reorders fp32 sums (measured 3e-6)."""
+    model = tiny_attnres("block", num_hidden_layers=4, attn_res_block_size=4).train()
+    ids = token_ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    torch.compile(model)(input_ids=ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-4 * eager[name].abs().max().item())
+
+
 def test_bf16_depth_logits_in_fp32():
     model = tiny_attnres("block").to(torch.bfloat16)
     with torch.no_grad():
