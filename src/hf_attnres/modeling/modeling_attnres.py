@@ -58,6 +58,11 @@ ATTN_RES_MODULE_NAMES = ["self_attn_res", "mlp_res", "final_res"]
 STACKED_MAX_TOKENS = 64
 
 
+def _decoding(hidden: torch.Tensor) -> bool:
+    """Inference on at most STACKED_MAX_TOKENS tokens: the number of ops is the cost there, not memory."""
+    return not torch.is_grad_enabled() and hidden.numel() <= STACKED_MAX_TOKENS * hidden.shape[-1]
+
+
 def _times_queries(value: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """value [..., d] @ queries [d, k], computed as (queries^T @ value^T)^T: CPU BLAS is several times
     slower on the tall-skinny form [tokens, d] @ [d, k] than on its transpose for small k > 1."""
@@ -126,6 +131,17 @@ def _to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+def _mix(weights: list[torch.Tensor], values: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i weights_i v_i (added to `out` if given), in the weights' dtype (fp32): one rounding at the end
+    under bf16, not one per source. A loop of fused multiply-adds: on CPU this beats a batched matmul of
+    many tiny matrices. In place also under autograd, which keeps the weights and values, not the sum."""
+    if out is None:
+        out, weights, values = weights[0].unsqueeze(-1) * values[0], weights[1:], values[1:]
+    for w, v in zip(weights, values):
+        out = out.addcmul_(w.unsqueeze(-1), v)
+    return out
+
+
 def depth_attention(
     pseudo_query: torch.Tensor, key_norm: LlamaRMSNorm, sources: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,22 +153,13 @@ def depth_attention(
     dtype = torch.promote_types(sources[0].dtype, torch.float32)  # fp32 under bf16/fp16
     query = _to(pseudo_query, dtype) * _to(key_norm.weight, dtype)
     eps, d = key_norm.variance_epsilon, sources[0].shape[-1]
-    grad = torch.is_grad_enabled()
-    if not grad and sources[0].numel() <= STACKED_MAX_TOKENS * d:
-        # decoding: a handful of tokens, so the number of ops is the cost, not memory: stack once
+    if _decoding(sources[0]):  # a handful of tokens: stack once
         values = _to(torch.stack(sources, dim=-2), dtype)
         inv_rms = torch.linalg.vecdot(values, values).div_(d).add_(eps).rsqrt_()
         alpha = (values @ query).mul_(inv_rms).softmax(dim=-1)
         return _to((alpha.unsqueeze(-2) @ values).squeeze(-2), sources[0].dtype), alpha
     alpha = torch.stack([key_logits(v, query[:, None], eps)[..., 0] for v in sources], dim=-1).softmax(dim=-1)
-    # The weighted sum accumulates in fp32 too: one rounding to bf16 at the end, not one per source.
-    h = alpha[..., 0, None] * sources[0]
-    for i in range(1, len(sources)):
-        if grad:
-            h = torch.addcmul(h, alpha[..., i, None], sources[i])
-        else:  # inference: accumulate in place, no new buffer per source
-            h.addcmul_(alpha[..., i, None], sources[i])
-    return h.to(sources[0].dtype), alpha
+    return _mix(alpha.unbind(-1), sources).to(sources[0].dtype), alpha
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -190,17 +197,6 @@ class BlockPhase1:
 PHASE1_STACKED_DEVICES = ("cuda",)
 
 
-def _mix(weights: list[torch.Tensor], values: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_i weights_i v_i (added to `out` if given), in the weights' dtype (fp32): one rounding at the end
-    under bf16, not one per source. A loop of fused multiply-adds: on CPU this beats a batched matmul of
-    many tiny matrices."""
-    if out is None:
-        out, weights, values = weights[0].unsqueeze(-1) * values[0], weights[1:], values[1:]
-    for w, v in zip(weights, values):
-        out = out.addcmul_(w.unsqueeze(-1), v)
-    return out
-
-
 def _dots(x: torch.Tensor, ys: list[torch.Tensor], scratch: torch.Tensor | None = None) -> torch.Tensor:
     """[..., len(ys)]: the per-token dot products <x, y> for every y. One scratch buffer for all of them:
     `torch.linalg.vecdot` allocates a [tokens, d] product per call, and fresh memory costs page faults."""
@@ -234,9 +230,8 @@ class _Phase1(torch.autograd.Function):
     def backward(ctx, *grads):
         queries, dot, inv_rms, weights, *sources = ctx.saved_tensors
         *grad_mixed, grad_lse, _ = grads  # unused outputs' gradients arrive as zeros (materialize_grads)
-        # Phase 2's <grad_mixed_j, v_i> for the gradients it handed down (see _Phase2), if these are they
+        # (gradient, its <grad_mixed_j, v_i>) that phase 2 handed down for column j (see _Phase2)
         merged = [ctx.merge_dots.pop(j, (None, None)) for j in range(len(grad_mixed))]
-        known = [dots if grad is g else None for (grad, dots), g in zip(merged, grad_mixed)]
 
         def softmax_backward(grad_weights):  # weights = exp(logits - lse); d lse / d logits = weights
             return weights * (grad_weights - (weights * grad_weights).sum(-2, keepdim=True) + grad_lse.unsqueeze(-2))
@@ -250,8 +245,10 @@ class _Phase1(torch.autograd.Function):
             return grad_queries, None, None, *(g.to(v.dtype) for g, v in zip(grad_values.unbind(-2), sources))
         grad_mixed = [g.to(weights.dtype) for g in grad_mixed]
         values = [v.to(weights.dtype) for v in sources]
-        # mixed_j = sum_i weights_ij v_i, so d/d weights_ij = <grad_mixed_j, v_i>
-        grad_weights = torch.stack([_dots(g, values) if d is None else d for d, g in zip(known, grad_mixed)], dim=-1)
+        # mixed_j = sum_i weights_ij v_i, so d/d weights_ij = <grad_mixed_j, v_i>: phase 2's, if for this very gradient
+        grad_weights = torch.stack(
+            [dots if grad is g else _dots(g, values) for (grad, dots), g in zip(merged, grad_mixed)], dim=-1
+        )
         grad_logits = softmax_backward(grad_weights)
         grad_queries, grad_sources = 0, []
         for i, (v, source) in enumerate(zip(values, sources)):
@@ -501,7 +498,7 @@ class AttnResModel(AttnResPreTrainedModel):
         size = self.config.sublayers_per_block
         if size is None or size < 2:
             return None
-        if not torch.is_grad_enabled() and sources[0][..., 0].numel() <= STACKED_MAX_TOKENS:
+        if _decoding(sources[0]):
             return None
         if self.gradient_checkpointing and self.training:
             return None
