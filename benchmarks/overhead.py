@@ -3,7 +3,9 @@
 Defaults are SmolLM2-135M's dimensions (30 layers, hidden 576, 9/3 heads, intermediate 1536, vocab 49152)
 with random weights, CPU fp32, sdpa, batch 4 x 512. Each metric is timed in its own loop, the models
 interleaved (Llama, block, full, Llama, ...) so machine noise hits every model alike; the reported figure is
-the median. Peak memory of a training step is measured in a fresh subprocess per model (weights +
+the median. On CPU the timings run with glibc set to reuse freed memory (`--allocator steady`, see
+STEADY_ALLOCATOR_ENV): with its default thresholds, page faults vary tenfold between identical runs and
+swamp the few percent being measured. `--allocator default` times without it. Peak memory of a training step is measured in a fresh subprocess per model (weights +
 activations + gradients + the loss), twice per model:
 
 - `peak_mem`: peak resident memory with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), so every
@@ -35,6 +37,11 @@ TARGETS = {"train_step": ("<=", 1.05), "prefill": ("<=", 1.03), "decode_tok_s": 
            "peak_rss_default": ("<=", 1.10), "saved_activations": ("<=", 1.10)}
 # glibc: a fixed mmap threshold of 64 KiB serves every tensor-sized allocation by mmap and returns it on free
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# glibc, for the timings: tensors under 32 MiB from the heap, which is never trimmed, so freed memory is reused
+# without page faults, as a caching allocator (PyTorch's on GPU, jemalloc or tcmalloc on CPU) does. With the
+# default (dynamic) thresholds the heap is trimmed and re-faulted depending on the process's history: the
+# same prefill then takes 3K or 300K page faults from one run to the next, mostly inside the MLP.
+STEADY_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -102,7 +109,8 @@ def decode_tok_s(model, prompt, new_tokens: int) -> float:
 def peak_rss_child(kind: str, argv: list[str], env: dict[str, str] | None = None) -> float:
     """Peak RSS (MB) of one training step in a fresh process, so models do not share an allocator."""
     cmd = [sys.executable, __file__, *argv, "--child-peak-mem", kind]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    base = {k: v for k, v in os.environ.items() if k not in STEADY_ALLOCATOR_ENV}  # glibc's defaults, unless `env`
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**base, **(env or {})})
     if done.returncode:
         sys.exit(f"the peak-memory run of {kind} failed:\n{done.stderr[-3000:]}")
     return float(done.stdout.strip().splitlines()[-1])
@@ -158,6 +166,9 @@ def main() -> None:
     p.add_argument("--metrics", default="train_step,prefill,decode_tok_s,peak_mem", help="subset to measure")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--allocator", default="steady", choices=["steady", "default"],
+                   help="glibc settings for the CPU timings: 'steady' (default) reuses freed memory without page "
+                        "faults, as a caching allocator does; 'default' leaves glibc's dynamic thresholds")
     p.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child-peak-mem", help=argparse.SUPPRESS)
@@ -167,11 +178,15 @@ def main() -> None:
         args.heads, args.kv_heads, args.repeats = 4, 2, 2
     if args.child_peak_mem:
         return child_peak_mem(args.child_peak_mem, args)
+    cuda = torch.device(args.device).type == "cuda"
+    steady = {k: v for k, v in STEADY_ALLOCATOR_ENV.items() if os.environ.get(k) != v}
+    if not cuda and args.allocator == "steady" and steady:  # glibc reads these at start: run again with them
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **steady})
 
     kinds = ["llama", *args.modes.split(",")]
     metrics = set(args.metrics.split(","))
-    cuda = torch.device(args.device).type == "cuda"
-    where = torch.cuda.get_device_name(args.device) if cuda else f"{torch.get_num_threads()} CPU threads"
+    allocator = "" if cuda else f", glibc allocator: {args.allocator}"
+    where = torch.cuda.get_device_name(args.device) if cuda else f"{torch.get_num_threads()} CPU threads{allocator}"
     print(f"torch {torch.__version__}, {where}; dims: {args.layers} layers, hidden {args.hidden}, "
           f"batch {args.batch} x {args.seq}, {args.dtype}, sdpa", flush=True)
     models = {k: build(k, args) for k in kinds}

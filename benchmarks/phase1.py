@@ -2,7 +2,8 @@
 
 `PHASE1_STACKED_DEVICES` in the modeling file picks the form per device; this script times both side by side
 on one device (forward, and forward + backward) for a block's S = 8 queries over n completed sources, and
-prints stacked / loop ratios, so the choice can be re-checked on new hardware.
+prints stacked / loop ratios, so the choice can be re-checked on new hardware. It also times the CPU
+inference form, `SourceStack` (a fresh stack per call, so its per-source work is counted), against the loop.
 
     python benchmarks/phase1.py                                   # CPU fp32, 4 x 512 tokens
     python benchmarks/phase1.py --device cuda --dtype bfloat16 --tokens 32768
@@ -59,13 +60,20 @@ def main() -> None:
             *mixed, lse, _ = modeling._Phase1.apply(queries, 1e-5, {}, *sources)
             torch.autograd.grad([*mixed, lse], [queries, *sources], [torch.ones_like(m) for m in (*mixed, lse)])
 
+        def inference_stack():
+            with torch.no_grad():  # phase 1 of the n-th block: every source is complete
+                stack_queries = torch.randn(args.hidden, n * args.queries + 1, device=device)
+                modeling.SourceStack(sources[0], stack_queries, args.queries, 1e-5).phase1(n - 1, sources)
+
         result = {}
         for form, devices in (("loop", ()), ("stacked", (torch.device(device).type,))):
             modeling.PHASE1_STACKED_DEVICES = devices
             result[form] = (timed(forward, device, args.repeats), timed(forward_backward, device, args.repeats))
         (f_loop, fb_loop), (f_stack, fb_stack) = result["loop"], result["stacked"]
+        f_source_stack = timed(inference_stack, device, args.repeats)
         print(f"  n={n}: forward loop {f_loop * 1e3:.2f} ms, stacked {f_stack * 1e3:.2f} ms (ratio {f_stack / f_loop:.2f}); "
-              f"forward+backward loop {fb_loop * 1e3:.2f} ms, stacked {fb_stack * 1e3:.2f} ms (ratio {fb_stack / fb_loop:.2f})")
+              f"forward+backward loop {fb_loop * 1e3:.2f} ms, stacked {fb_stack * 1e3:.2f} ms (ratio {fb_stack / fb_loop:.2f}); "
+              f"inference source stack {f_source_stack * 1e3:.2f} ms (ratio to loop {f_source_stack / f_loop:.2f})")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ CASES = {
 
 @pytest.fixture(params=["stacked", "per-source"])
 def inference_path(request, monkeypatch):
-    """Both inference code paths: sources stacked (decoding-sized inputs) or handled one by one."""
+    """Both inference code paths: each sublayer stacking its own sources (decoding-sized inputs), or the
+    two-phase computation over the model's source stack (SourceStack, larger inputs on CPU)."""
     from hf_attnres.modeling import modeling_attnres
 
     monkeypatch.setattr(modeling_attnres, "STACKED_MAX_TOKENS", 10**9 if request.param == "stacked" else 0)

@@ -88,13 +88,15 @@ def test_torch_compile_training_step_on_cpu():
         torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-4 * eager[name].abs().max().item())
 
 
-def test_bf16_depth_logits_in_fp32():
+@pytest.mark.parametrize("seq", [11, 40], ids=["decoding-sized", "source stack"])
+def test_bf16_depth_logits_in_fp32(seq):
     model = tiny_attnres("block").to(torch.bfloat16)
     with torch.no_grad():
-        out = model(token_ids(), output_depth_attentions=True)
+        out = model(token_ids(seq=seq), output_depth_attentions=True)
     assert out.logits.dtype == torch.bfloat16
     assert all(a.dtype == torch.float32 for a in out.depth_attentions)
-    torch.testing.assert_close(out.depth_attentions[3].sum(-1), torch.ones(2, 11))
+    for alpha in out.depth_attentions[3], out.depth_attentions[-1]:
+        torch.testing.assert_close(alpha.sum(-1), torch.ones(2, seq))
 
 
 def test_peft_lora_with_attn_res_modules_to_save():
@@ -108,3 +110,24 @@ def test_peft_lora_with_attn_res_modules_to_save():
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("pseudo_query" in n for n in trainable) and any("lora_A" in n for n in trainable)
     assert not any("mlp.up_proj.weight" in n and "lora" not in n for n in trainable)
+
+
+@torch.no_grad()
+def test_sublayer_inputs_stay_intact_in_inference():
+    """Inference reuses phase 1's output buffer from block to block (SourceStack): what a sublayer reads must
+    still be its own tensor afterwards, as in Llama, e.g. for hooks that record the residual stream."""
+    model = tiny_attnres("block").eval()
+    assert model.config.num_blocks >= 3
+    kept, copies = [], []
+
+    def record(module, args):
+        kept.append(args[0])
+        copies.append(args[0].clone())
+
+    for layer in model.model.layers:
+        layer.input_layernorm.register_forward_pre_hook(record)
+        layer.post_attention_layernorm.register_forward_pre_hook(record)
+    model(token_ids(batch=2, seq=40))  # 80 tokens: more than decoding-sized, so phase 1 runs
+    assert len(kept) == 2 * model.config.num_hidden_layers
+    for got, expected in zip(kept, copies):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -20,9 +20,12 @@ def max_logit_diff(a, b, ids):
 @pytest.mark.parametrize("mode", ["block", "full"])
 @pytest.mark.parametrize("eps", [1e-5, 1e-6])
 @pytest.mark.parametrize("embed_std", [None, 1e-3], ids=["default-embeddings", "small-embeddings"])
-def test_zero_queries_equal_llama(mode, eps, embed_std):
+@pytest.mark.parametrize("seq", [11, 40], ids=["decoding-sized", "prefill-sized"])  # 22 or 80 tokens
+def test_zero_queries_equal_llama(mode, eps, embed_std, seq):
+    """Both inference paths: per-sublayer stacks (up to 64 tokens) and, beyond, the two-phase computation
+    (in Block AttnRes on CPU over the source stack)."""
     llama = tiny_llama(rms_norm_eps=eps, embed_std=embed_std)
-    ids = token_ids()
+    ids = token_ids(seq=seq)
     model = attnres_from_llama(llama, mode)
     assert max_logit_diff(model, llama, ids) <= 1e-5
 

@@ -12,6 +12,7 @@ sums of those outputs (Block AttnRes). Everything else is the Llama decoder, reu
 Hub-portable: imports only torch, transformers, the standard library and the config file beside it.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,7 +55,8 @@ ATTN_RES_MODULE_NAMES = ["self_attn_res", "mlp_res", "final_res"]
 # --------------------------------------------------------------------------------------------------------
 # Depth attention (spec §2)
 # --------------------------------------------------------------------------------------------------------
-# Inference on at most this many tokens (decoding) stacks the sources; larger inputs go source by source.
+# Inference on at most this many tokens (decoding) stacks the sources per sublayer; larger inputs go source
+# by source, or through the two-phase computation in Block AttnRes.
 STACKED_MAX_TOKENS = 64
 
 
@@ -302,6 +304,69 @@ class _Phase2(torch.autograd.Function):
         return *grads, None, None, None, None, *(None for _ in sources)
 
 
+class SourceStack:
+    """Block AttnRes inference on CPU: the completed sources side by side in one fp32 [N, ..., d] buffer.
+
+    The pseudo-queries are parameters, so when a source completes, its key logits for every later
+    sublayer and the final aggregation are known: one matmul per source, reading it once, instead of one
+    per block. Phase 1 is then one batched matmul per block (each source read once, not once per
+    sublayer) into an output buffer reused from block to block: fresh memory is slow on CPU (a page fault
+    per 4 KiB), and glibc does not recycle blocks over 32 MiB (a block's S outputs are 38 MB at 4 x 512
+    tokens, d = 576). The sublayers only read that buffer: phase 2 gives each its own input tensor (see
+    `two_phase_attention`), so nothing a sublayer or a hook holds is overwritten by the next block.
+    """
+
+    def __init__(self, like: torch.Tensor, queries: torch.Tensor, block_size: int, eps: float):
+        self.queries = queries  # [d, L + 1]: every sublayer's effective query, then the final aggregation's
+        self.block_size, self.eps = block_size, eps
+        capacity = math.ceil((queries.shape[-1] - 1) / block_size) + 1
+        self.values = like.new_empty(capacity, *like.shape, dtype=queries.dtype)  # each source contiguous
+        self.logits: list[torch.Tensor] = []  # per source: [..., columns from its first reader on]
+        self.out = None
+
+    def _first_reader(self, source: int) -> int:
+        """The first query column that attends over `source`: its block's first sublayer, or the final one."""
+        return min(source * self.block_size, self.queries.shape[-1] - 1)
+
+    def extend(self, sources: list[torch.Tensor]) -> None:
+        """Take in the sources not stacked yet (the list grows by one completed block at a time)."""
+        for source in sources[len(self.logits) :]:
+            i = len(self.logits)
+            value = self.values[i].copy_(source)
+            mean_square = torch.linalg.vector_norm(value, dim=-1, keepdim=True).square_().div_(value.shape[-1])
+            logits = _times_queries(value, self.queries[:, self._first_reader(i) :])
+            self.logits.append(logits.mul_(mean_square.add_(self.eps).rsqrt_()))  # as _key_logits
+
+    def _attend(self, first: int, last: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax over the stacked sources for query columns [first, last), mixed into out [..., S, d]."""
+        n, d = len(self.logits), self.values.shape[-1]
+        logits = torch.stack([lg[..., first - self._first_reader(i) : last - self._first_reader(i)]
+                              for i, lg in enumerate(self.logits)], dim=-2)  # [..., n, S]
+        lse = logits.logsumexp(dim=-2)
+        weights = logits.sub_(lse.unsqueeze(-2)).exp_()
+        values = self.values[:n].reshape(n, -1, d).transpose(0, 1)  # [tokens, n, d], a view
+        torch.bmm(weights.mT.reshape(-1, last - first, n), values, out=out.view(-1, last - first, d))
+        return lse, weights
+
+    def phase1(self, block: int, sources: list[torch.Tensor]):
+        """(mixed per sublayer, lse, weights) of phase 1 for `block` over its completed `sources`."""
+        self.extend(sources)
+        first = block * self.block_size
+        last = min(first + self.block_size, self.queries.shape[-1] - 1)
+        if self.out is None or self.out.shape[-2] != last - first:
+            self.out = self.values.new_empty(*self.values.shape[1:-1], last - first, self.values.shape[-1])
+        lse, weights = self._attend(first, last, self.out)
+        return self.out.unbind(-2), lse, weights
+
+    def final(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final aggregation over all `sources`: (h, alpha), as `depth_attention`."""
+        self.extend(sources)
+        column = self.queries.shape[-1] - 1
+        h = self.values.new_empty(*self.values.shape[1:-1], 1, self.values.shape[-1])
+        _, alpha = self._attend(column, column + 1, h)
+        return h.squeeze(-2).to(sources[0].dtype), alpha.squeeze(-1)
+
+
 def block_phase1(residuals: list["AttnResidual"], sources: list[torch.Tensor]) -> BlockPhase1:
     """Phase 1 for the sublayers of one block (`residuals`, in order) over the completed `sources`."""
     queries = effective_queries(residuals, torch.promote_types(sources[0].dtype, torch.float32))
@@ -317,13 +382,15 @@ def two_phase_attention(
     """Depth attention of the block's `column`-th sublayer: phase 1's result merged with the partial sum."""
     weights, mixed = phase1.weights[..., column], phase1.mixed[column]
     if partial is None:  # the block's first sublayer: every source is complete
+        if not torch.is_grad_enabled():  # phase 1's buffer is not the sublayer's (see SourceStack)
+            mixed = mixed.clone() if mixed.dtype == phase1.sources[0].dtype else mixed
         return mixed.to(phase1.sources[0].dtype), weights
     query, lse = phase1.queries[:, column], phase1.lse[..., column]
     if torch.is_grad_enabled():
         h, beta = _Phase2.apply(mixed, partial, query, lse, weights, phase1.eps, phase1.merge_dots, column, *phase1.sources)
-    else:  # inference: phase 1's result is not needed again, merge into it
+    else:  # inference: a tensor of the sublayer's own, as phase 1's buffer may be reused (SourceStack)
         beta = _partial_weight(partial, query, lse, phase1.eps)[0]
-        h = mixed.lerp_(partial.to(mixed.dtype), beta.unsqueeze(-1))
+        h = torch.lerp(mixed, partial.to(mixed.dtype), beta.unsqueeze(-1))
     alpha = torch.cat([weights * (1 - beta).unsqueeze(-1), beta.unsqueeze(-1)], dim=-1)
     return h.to(partial.dtype), alpha
 
@@ -475,6 +542,11 @@ class AttnResPreTrainedModel(PreTrainedModel):
             init.zeros_(module.pseudo_query)  # uniform depth weights at start, also for converted checkpoints
 
 
+def _materialised(params: list[torch.Tensor], like: torch.Tensor) -> bool:
+    """Whether every parameter is a plain, non-empty tensor on `like`'s device (not sharded or offloaded)."""
+    return all(type(p.data) is torch.Tensor and p.numel() > 0 and p.device == like.device for p in params)
+
+
 class AttnResModel(AttnResPreTrainedModel):
     def __init__(self, config: AttnResConfig):
         super().__init__(config)
@@ -490,11 +562,13 @@ class AttnResModel(AttnResPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def block_phase1(self, first_layer: int, sources: tuple[torch.Tensor, ...]) -> BlockPhase1 | None:
+    def block_phase1(
+        self, first_layer: int, sources: tuple[torch.Tensor, ...], stack: SourceStack | None = None
+    ) -> BlockPhase1 | None:
         """Phase 1 of the two-phase computation (spec §5) for the block opening at `first_layer`, or None
         where each sublayer is better off attending on its own: Full AttnRes (one sublayer per block),
         decoding-sized inputs (fewer ops without it), activation checkpointing (phase 1's outputs would be
-        kept across the block) and parameters not materialised yet."""
+        kept across the block) and parameters not materialised yet. `stack`: see `_source_stack`."""
         size = self.config.sublayers_per_block
         if size is None or size < 2:
             return None
@@ -504,12 +578,32 @@ class AttnResModel(AttnResPreTrainedModel):
             return None
         layers = self.layers[first_layer : first_layer + size // 2]
         residuals = [r for layer in layers for r in (layer.self_attn_res, layer.mlp_res)]
-        params = [p for r in residuals for p in (r.pseudo_query, r.key_norm.weight)]
-        if not all(type(p.data) is torch.Tensor and p.numel() > 0 and p.device == sources[0].device for p in params):
+        if stack is not None:
+            block = 2 * first_layer // size
+            mixed, lse, weights = stack.phase1(block, list(sources))
+            queries = stack.queries[:, block * size : block * size + len(residuals)]
+            return BlockPhase1(list(sources), queries, stack.eps, mixed, lse, weights, {})
+        if not _materialised([p for r in residuals for p in (r.pseudo_query, r.key_norm.weight)], sources[0]):
             # Later layers' parameters are sharded (FSDP, ZeRO-3), offloaded or on another device until their
             # own forward runs: read them only there, each sublayer attending on its own.
             return None
         return block_phase1(residuals, list(sources))
+
+    def _source_stack(self, inputs_embeds: torch.Tensor) -> SourceStack | None:
+        """The source stack for a Block AttnRes inference forward on CPU, or None: in training, when decoding
+        (no phase 1 there), on GPUs (phase 1's stacked form, measured there: PHASE1_STACKED_DEVICES) and
+        while parameters are not all materialised here."""
+        size = self.config.sublayers_per_block
+        if torch.is_grad_enabled() or size is None or size < 2 or _decoding(inputs_embeds):
+            return None
+        if inputs_embeds.device.type in PHASE1_STACKED_DEVICES:
+            return None
+        layers = self.layers[: self.config.num_hidden_layers]
+        residuals = [r for layer in layers for r in (layer.self_attn_res, layer.mlp_res)] + [self.final_res]
+        if not _materialised([p for r in residuals for p in (r.pseudo_query, r.key_norm.weight)], inputs_embeds):
+            return None
+        queries = effective_queries(residuals, torch.promote_types(inputs_embeds.dtype, torch.float32))
+        return SourceStack(inputs_embeds, queries, size, self.final_res.key_norm.variance_epsilon)
 
     def _masks(self, attention_mask, inputs_embeds, past_key_values, position_ids) -> dict:
         if isinstance(attention_mask, dict):  # already prepared, e.g. by generate()
@@ -569,11 +663,12 @@ class AttnResModel(AttnResPreTrainedModel):
         sources: tuple[torch.Tensor, ...] = (inputs_embeds,)
         all_hidden, all_attn, depth = [], [], []
         phase1 = None
+        stack = self._source_stack(inputs_embeds)
         for layer in self.layers[: self.config.num_hidden_layers]:
             if output_hidden_states:
                 all_hidden.append(sources[0] if len(sources) == 1 else torch.stack(sources).sum(0))
             if layer.block_starts[0]:
-                phase1 = self.block_phase1(layer.layer_idx, sources)
+                phase1 = self.block_phase1(layer.layer_idx, sources, stack)
             sources, attn_weights, alphas = layer(
                 *sources,
                 attention_mask=masks[self.config.layer_types[layer.layer_idx]],
@@ -589,6 +684,9 @@ class AttnResModel(AttnResPreTrainedModel):
 
         if self.final_res is None:
             hidden_states = sources[-1]
+        elif stack is not None:
+            hidden_states, final_alpha = stack.final(list(sources))
+            depth.append(final_alpha)
         else:
             hidden_states, final_alpha = self.final_res(list(sources))
             depth.append(final_alpha)
