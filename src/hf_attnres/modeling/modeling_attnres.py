@@ -356,7 +356,8 @@ class SourceStack:
         if self.out is None or self.out.shape[-2] != last - first:
             self.out = self.values.new_empty(*self.values.shape[1:-1], last - first, self.values.shape[-1])
         lse, weights = self._attend(first, last, self.out)
-        return self.out.unbind(-2), lse, weights
+        first_input, *others = self.out.unbind(-2)  # the block's first sublayer reads phase 1's result as is
+        return (first_input.clone(), *others), lse, weights
 
     def final(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The final aggregation over all `sources`: (h, alpha), as `depth_attention`."""
@@ -382,8 +383,6 @@ def two_phase_attention(
     """Depth attention of the block's `column`-th sublayer: phase 1's result merged with the partial sum."""
     weights, mixed = phase1.weights[..., column], phase1.mixed[column]
     if partial is None:  # the block's first sublayer: every source is complete
-        if not torch.is_grad_enabled():  # phase 1's buffer is not the sublayer's (see SourceStack)
-            mixed = mixed.clone() if mixed.dtype == phase1.sources[0].dtype else mixed
         return mixed.to(phase1.sources[0].dtype), weights
     query, lse = phase1.queries[:, column], phase1.lse[..., column]
     if torch.is_grad_enabled():
@@ -684,11 +683,8 @@ class AttnResModel(AttnResPreTrainedModel):
 
         if self.final_res is None:
             hidden_states = sources[-1]
-        elif stack is not None:
-            hidden_states, final_alpha = stack.final(list(sources))
-            depth.append(final_alpha)
         else:
-            hidden_states, final_alpha = self.final_res(list(sources))
+            hidden_states, final_alpha = (self.final_res if stack is None else stack.final)(list(sources))
             depth.append(final_alpha)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
