@@ -5,8 +5,9 @@ with random weights, CPU fp32, sdpa, batch 4 x 512. Each metric is timed in its 
 interleaved (Llama, block, full, Llama, ...) so machine noise hits every model alike; the reported figure is
 the median. On CPU the timings run with glibc set to reuse freed memory (`--allocator steady`, see
 STEADY_ALLOCATOR_ENV): with its default thresholds, page faults vary tenfold between identical runs and
-swamp the few percent being measured. `--allocator default` times without it. Peak memory of a training step is measured in a fresh subprocess per model (weights +
-activations + gradients + the loss), twice per model:
+swamp the few percent being measured. `--allocator default` times without it. Peak memory of a training
+step is measured in a fresh subprocess per model (weights + activations + gradients + the loss), twice per
+model:
 
 - `peak_mem`: peak resident memory with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), so every
   tensor's memory goes back to the OS when freed and the peak is what the step really holds at once, the

@@ -60,9 +60,10 @@ def main() -> None:
             *mixed, lse, _ = modeling._Phase1.apply(queries, 1e-5, {}, *sources)
             torch.autograd.grad([*mixed, lse], [queries, *sources], [torch.ones_like(m) for m in (*mixed, lse)])
 
+        stack_queries = torch.randn(args.hidden, n * args.queries + 1, device=device)
+
         def inference_stack():
             with torch.no_grad():  # phase 1 of the n-th block: every source is complete
-                stack_queries = torch.randn(args.hidden, n * args.queries + 1, device=device)
                 modeling.SourceStack(sources[0], stack_queries, args.queries, 1e-5).phase1(n - 1, sources)
 
         result = {}

@@ -333,9 +333,7 @@ class SourceStack:
         for source in sources[len(self.logits) :]:
             i = len(self.logits)
             value = self.values[i].copy_(source)
-            mean_square = torch.linalg.vector_norm(value, dim=-1, keepdim=True).square_().div_(value.shape[-1])
-            logits = _times_queries(value, self.queries[:, self._first_reader(i) :])
-            self.logits.append(logits.mul_(mean_square.add_(self.eps).rsqrt_()))  # as _key_logits
+            self.logits.append(_key_logits(value, self.queries[:, self._first_reader(i) :], self.eps)[0])
 
     def _attend(self, first: int, last: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax over the stacked sources for query columns [first, last), mixed into out [..., S, d]."""
@@ -348,8 +346,8 @@ class SourceStack:
         torch.bmm(weights.mT.reshape(-1, last - first, n), values, out=out.view(-1, last - first, d))
         return lse, weights
 
-    def phase1(self, block: int, sources: list[torch.Tensor]):
-        """(mixed per sublayer, lse, weights) of phase 1 for `block` over its completed `sources`."""
+    def phase1(self, block: int, sources: list[torch.Tensor]) -> "BlockPhase1":
+        """Phase 1 for `block` over its completed `sources`."""
         self.extend(sources)
         first = block * self.block_size
         last = min(first + self.block_size, self.queries.shape[-1] - 1)
@@ -357,7 +355,8 @@ class SourceStack:
             self.out = self.values.new_empty(*self.values.shape[1:-1], last - first, self.values.shape[-1])
         lse, weights = self._attend(first, last, self.out)
         first_input, *others = self.out.unbind(-2)  # the block's first sublayer reads phase 1's result as is
-        return (first_input.clone(), *others), lse, weights
+        mixed = (first_input.clone(), *others)
+        return BlockPhase1(sources, self.queries[:, first:last], self.eps, mixed, lse, weights, {})
 
     def final(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The final aggregation over all `sources`: (h, alpha), as `depth_attention`."""
@@ -541,8 +540,15 @@ class AttnResPreTrainedModel(PreTrainedModel):
             init.zeros_(module.pseudo_query)  # uniform depth weights at start, also for converted checkpoints
 
 
-def _materialised(params: list[torch.Tensor], like: torch.Tensor) -> bool:
-    """Whether every parameter is a plain, non-empty tensor on `like`'s device (not sharded or offloaded)."""
+def _attn_residuals(layers) -> list[AttnResidual]:
+    """The layers' attention residuals in sublayer order (attention, then MLP, per layer)."""
+    return [r for layer in layers for r in (layer.self_attn_res, layer.mlp_res)]
+
+
+def _materialised(residuals: list[AttnResidual], like: torch.Tensor) -> bool:
+    """Whether every parameter of `residuals` is a plain, non-empty tensor on `like`'s device (not sharded or
+    offloaded)."""
+    params = [p for r in residuals for p in (r.pseudo_query, r.key_norm.weight)]
     return all(type(p.data) is torch.Tensor and p.numel() > 0 and p.device == like.device for p in params)
 
 
@@ -575,14 +581,10 @@ class AttnResModel(AttnResPreTrainedModel):
             return None
         if self.gradient_checkpointing and self.training:
             return None
-        layers = self.layers[first_layer : first_layer + size // 2]
-        residuals = [r for layer in layers for r in (layer.self_attn_res, layer.mlp_res)]
         if stack is not None:
-            block = 2 * first_layer // size
-            mixed, lse, weights = stack.phase1(block, list(sources))
-            queries = stack.queries[:, block * size : block * size + len(residuals)]
-            return BlockPhase1(list(sources), queries, stack.eps, mixed, lse, weights, {})
-        if not _materialised([p for r in residuals for p in (r.pseudo_query, r.key_norm.weight)], sources[0]):
+            return stack.phase1(2 * first_layer // size, list(sources))
+        residuals = _attn_residuals(self.layers[first_layer : first_layer + size // 2])
+        if not _materialised(residuals, sources[0]):
             # Later layers' parameters are sharded (FSDP, ZeRO-3), offloaded or on another device until their
             # own forward runs: read them only there, each sublayer attending on its own.
             return None
@@ -597,9 +599,8 @@ class AttnResModel(AttnResPreTrainedModel):
             return None
         if inputs_embeds.device.type in PHASE1_STACKED_DEVICES:
             return None
-        layers = self.layers[: self.config.num_hidden_layers]
-        residuals = [r for layer in layers for r in (layer.self_attn_res, layer.mlp_res)] + [self.final_res]
-        if not _materialised([p for r in residuals for p in (r.pseudo_query, r.key_norm.weight)], inputs_embeds):
+        residuals = _attn_residuals(self.layers[: self.config.num_hidden_layers]) + [self.final_res]
+        if not _materialised(residuals, inputs_embeds):
             return None
         queries = effective_queries(residuals, torch.promote_types(inputs_embeds.dtype, torch.float32))
         return SourceStack(inputs_embeds, queries, size, self.final_res.key_norm.variance_epsilon)
