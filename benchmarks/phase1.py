@@ -2,8 +2,8 @@
 
 `PHASE1_STACKED_DEVICES` in the modeling file picks the form per device; this script times both side by side
 on one device (forward, and forward + backward) for a block's S = 8 queries over n completed sources, and
-prints stacked / loop ratios, so the choice can be re-checked on new hardware. It also times the CPU
-inference form, `SourceStack` (a fresh stack per call, so its per-source work is counted), against the loop.
+prints stacked / loop ratios, so the choice can be re-checked on new hardware (it applies to training). It
+also times the inference form, `SourceStack` (a fresh stack per call, so its per-source work is counted).
 
     python benchmarks/phase1.py                                   # CPU fp32, 4 x 512 tokens
     python benchmarks/phase1.py --device cuda --dtype bfloat16 --tokens 32768
@@ -64,7 +64,7 @@ def main() -> None:
 
         def inference_stack():
             with torch.no_grad():  # phase 1 of the n-th block: every source is complete
-                modeling.SourceStack(sources[0], stack_queries, args.queries, 1e-5).phase1(n - 1, sources)
+                modeling.SourceStack(sources[0], stack_queries, args.queries, 1e-5, False).phase1(n - 1, sources)
 
         result = {}
         for form, devices in (("loop", ()), ("stacked", (torch.device(device).type,))):

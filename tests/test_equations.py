@@ -78,13 +78,18 @@ CASES = {
 }
 
 
-@pytest.fixture(params=["stacked", "per-source"])
+@pytest.fixture(params=["decoding-sized", "prefill-sized", "decoding-sized, no stack", "prefill-sized, no stack"])
 def inference_path(request, monkeypatch):
-    """Both inference code paths: each sublayer stacking its own sources (decoding-sized inputs), or the
-    two-phase computation over the model's source stack (SourceStack, larger inputs on CPU)."""
+    """Every inference code path. Block AttnRes goes through the model's source stack (SourceStack) at both
+    sizes, or, where it has none (parameters sharded or offloaded; larger inputs on a GPU), through each
+    sublayer stacking its own sources (decoding-sized, as Full AttnRes does) or the two-phase computation."""
+    from hf_attnres import AttnResModel
     from hf_attnres.modeling import modeling_attnres
 
-    monkeypatch.setattr(modeling_attnres, "STACKED_MAX_TOKENS", 10**9 if request.param == "stacked" else 0)
+    decoding = request.param.startswith("decoding")
+    monkeypatch.setattr(modeling_attnres, "STACKED_MAX_TOKENS", 10**9 if decoding else 0)
+    if request.param.endswith("no stack"):
+        monkeypatch.setattr(AttnResModel, "_source_stack", lambda self, *args: None)
     return request.param
 
 
@@ -113,8 +118,11 @@ def test_model_matches_equations(case, scale_eps, inference_path):
     got = model(ids).logits
     # fp32 rounding of two different summation orders; the logits are O(1)
     assert (got - expected).abs().max() < 2e-5
-    # and the routing really is non-uniform, so the test can tell sources apart
-    alphas = model(ids, output_depth_attentions=True).depth_attentions
+    # the same with the depth weights requested (inference builds them only then), and the routing really is
+    # non-uniform, so the test can tell sources apart
+    out = model(ids, output_depth_attentions=True)
+    assert (out.logits - expected).abs().max() < 2e-5
+    alphas = out.depth_attentions
     assert max(a.max().item() - a.min().item() for a in alphas if a.shape[-1] > 1) > 0.1
 
 

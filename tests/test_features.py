@@ -88,7 +88,7 @@ def test_torch_compile_training_step_on_cpu():
         torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-4 * eager[name].abs().max().item())
 
 
-@pytest.mark.parametrize("seq", [11, 40], ids=["decoding-sized", "source stack"])
+@pytest.mark.parametrize("seq", [11, 40], ids=["decoding-sized", "prefill-sized"])
 def test_bf16_depth_logits_in_fp32(seq):
     model = tiny_attnres("block").to(torch.bfloat16)
     with torch.no_grad():
@@ -112,8 +112,9 @@ def test_peft_lora_with_attn_res_modules_to_save():
     assert not any("mlp.up_proj.weight" in n and "lora" not in n for n in trainable)
 
 
+@pytest.mark.parametrize("seq", [11, 40], ids=["decoding-sized", "prefill-sized"])
 @torch.no_grad()
-def test_sublayer_inputs_stay_intact_in_inference():
+def test_sublayer_inputs_stay_intact_in_inference(seq):
     """Inference reuses phase 1's output buffer from block to block (SourceStack): what a sublayer reads must
     still be its own tensor afterwards, as in Llama, e.g. for hooks that record the residual stream."""
     model = tiny_attnres("block").eval()
@@ -127,7 +128,7 @@ def test_sublayer_inputs_stay_intact_in_inference():
     for layer in model.model.layers:
         layer.input_layernorm.register_forward_pre_hook(record)
         layer.post_attention_layernorm.register_forward_pre_hook(record)
-    model(token_ids(batch=2, seq=40))  # 80 tokens: more than decoding-sized, so phase 1 runs
+    model(token_ids(batch=2, seq=seq))
     assert len(kept) == 2 * model.config.num_hidden_layers
     for got, expected in zip(kept, copies):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -82,3 +82,19 @@ def test_flash_attention_2_left_padded_incremental_decoding(mode, flash_calls):
     assert flash_calls and any(flash_calls)  # flash-attn ran, with the padding mask (its varlen route)
     print(f"{mode}: padded incremental flash bf16 error {flash:.3g}, sdpa bf16 floor {floor:.3g}")
     assert 0 < floor and flash <= 2 * floor
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("seq", [11, 40], ids=["decoding-sized", "prefill-sized"])
+@torch.no_grad()
+def test_block_inference_on_cuda_matches_equations(seq):
+    """Block AttnRes inference on CUDA (the source stack) against the transcription, fp32 (no TF32), random
+    queries, with and without the depth weights (which the stack builds only on request)."""
+    from test_equations import reference_logits
+
+    assert not torch.backends.cuda.matmul.allow_tf32
+    model = tiny_attnres("block", num_hidden_layers=5, attn_res_block_size=4, attn_implementation="sdpa").cuda()
+    ids = token_ids(seq=seq).cuda()
+    expected = reference_logits(model, ids, 4, True)
+    for depth in False, True:  # the CPU tests' bound: fp32 summation orders
+        assert (model(ids, output_depth_attentions=depth).logits - expected).abs().max() < 2e-5

@@ -22,8 +22,8 @@ def max_logit_diff(a, b, ids):
 @pytest.mark.parametrize("embed_std", [None, 1e-3], ids=["default-embeddings", "small-embeddings"])
 @pytest.mark.parametrize("seq", [11, 40], ids=["decoding-sized", "prefill-sized"])  # 22 or 80 tokens
 def test_zero_queries_equal_llama(mode, eps, embed_std, seq):
-    """Both inference paths: per-sublayer stacks (up to 64 tokens) and, beyond, the two-phase computation
-    (in Block AttnRes on CPU over the source stack)."""
+    """Both input sizes: Block AttnRes goes through the source stack at both, Full AttnRes through per-sublayer
+    stacks (up to 64 tokens) and source by source beyond."""
     llama = tiny_llama(rms_norm_eps=eps, embed_std=embed_std)
     ids = token_ids(seq=seq)
     model = attnres_from_llama(llama, mode)

@@ -12,6 +12,7 @@ sums of those outputs (Block AttnRes). Everything else is the Llama decoder, reu
 Hub-portable: imports only torch, transformers, the standard library and the config file beside it.
 """
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,8 +56,8 @@ ATTN_RES_MODULE_NAMES = ["self_attn_res", "mlp_res", "final_res"]
 # --------------------------------------------------------------------------------------------------------
 # Depth attention (spec §2)
 # --------------------------------------------------------------------------------------------------------
-# Inference on at most this many tokens (decoding) stacks the sources per sublayer; larger inputs go source
-# by source, or through the two-phase computation in Block AttnRes.
+# Inference on at most this many tokens (decoding) stacks the sources per sublayer in Full AttnRes (Block
+# AttnRes goes through the source stack there); larger inputs go source by source, or two-phase in Block AttnRes.
 STACKED_MAX_TOKENS = 64
 
 
@@ -119,12 +120,20 @@ def key_logits(value: torch.Tensor, queries: torch.Tensor, eps: float) -> torch.
     return _key_logits(value, queries, eps)[0]
 
 
-def effective_queries(attn_residuals: list["AttnResidual"], dtype: torch.dtype) -> torch.Tensor:
-    """[d, k] matrix of w * gamma: RMSNorm(v) = gamma * v / rms(v), so w . RMSNorm(v) = (w * gamma) . v / rms(v).
+def query_parameters(attn_residuals: list["AttnResidual"]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The pseudo-queries w and key-norm weights gamma of `attn_residuals`, in order."""
+    return [r.pseudo_query for r in attn_residuals], [r.key_norm.weight for r in attn_residuals]
+
+
+def effective_queries(params: tuple[list[torch.Tensor], list[torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
+    """[d, k] matrix of w * gamma (`params`: see `query_parameters`): RMSNorm(v) = gamma * v / rms(v), so
+    w . RMSNorm(v) = (w * gamma) . v / rms(v).
 
     Stored as k contiguous rows (the [d, k] matrix is their transpose), so one query `[:, j]` is contiguous:
-    a strided vector makes the CPU matmuls with it about half again slower."""
-    return torch.stack([r.pseudo_query.to(dtype) * r.key_norm.weight.to(dtype) for r in attn_residuals]).mT
+    a strided vector makes the CPU matmuls with it about half again slower. Two stacks and one product, not
+    one product per sublayer: decoding builds it for every token."""
+    pseudo_queries, gammas = params
+    return (_to(torch.stack(pseudo_queries), dtype) * _to(torch.stack(gammas), dtype)).mT
 
 
 def _to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -190,12 +199,16 @@ class BlockPhase1:
     lse: torch.Tensor  # [..., S] log-sum-exp of the logits over the sources
     weights: torch.Tensor  # [..., n, S] softmax over the sources (no gradient: `mixed` carries it)
     merge_dots: dict  # backward only: column -> (grad of mixed, its dots with the sources), from phase 2
+    keep_weights: bool = True  # whether the sublayers return their depth weights alpha
+    stack: "SourceStack | None" = None  # inference over a source stack, whose phase 2 the sublayers use
+    columns: tuple = ()  # with `stack`: per sublayer (its query [d, 1], scaled as the stack's; lse [..., 1])
 
 
-# Devices where phase 1 stacks the block's sources into one [tokens, n, d] tensor and uses batched matmuls.
-# On a GPU this reads each source once per block instead of once per sublayer (H100, bf16, 16 x 2048 tokens:
-# training step 0.426 -> 0.368 s); on CPU the loop of fused multiply-adds is faster (batched tiny matmuls are
-# slow there). Neither keeps the stack for backward: the backward restacks it. benchmarks/phase1.py times both.
+# Devices where phase 1 in training stacks the block's sources into one [tokens, n, d] tensor and uses batched
+# matmuls. On a GPU this reads each source once per block instead of once per sublayer (H100, bf16, 16 x 2048
+# tokens: training step 0.426 -> 0.368 s); on CPU the loop of fused multiply-adds is faster (batched tiny
+# matmuls are slow there). Neither keeps the stack for backward: the backward restacks it. benchmarks/phase1.py
+# times both. Inference goes through `SourceStack` on every device.
 PHASE1_STACKED_DEVICES = ("cuda",)
 
 
@@ -305,48 +318,62 @@ class _Phase2(torch.autograd.Function):
 
 
 class SourceStack:
-    """Block AttnRes inference on CPU: the completed sources side by side in one fp32 [N, ..., d] buffer.
+    """Block AttnRes inference: the completed sources side by side in one fp32 [N, ..., d] buffer.
 
     The pseudo-queries are parameters, so when a source completes, its key logits for every later
     sublayer and the final aggregation are known: one matmul per source, reading it once, instead of one
     per block. Phase 1 is then one batched matmul per block (each source read once, not once per
     sublayer) into an output buffer reused from block to block: fresh memory is slow on CPU (a page fault
     per 4 KiB), and glibc does not recycle blocks over 32 MiB (a block's S outputs are 38 MB at 4 x 512
-    tokens, d = 576). The sublayers only read that buffer: phase 2 gives each its own input tensor (see
-    `two_phase_attention`), so nothing a sublayer or a hook holds is overwritten by the next block.
+    tokens, d = 576). The sublayers only read that buffer: phase 2 gives each its own input tensor, so
+    nothing a sublayer or a hook holds is overwritten by the next block. When decoding, where each op's
+    fixed cost is the whole cost, the same few ops per block and per sublayer replace stacking every
+    source at every sublayer.
     """
 
-    def __init__(self, like: torch.Tensor, queries: torch.Tensor, block_size: int, eps: float):
+    def __init__(self, like: torch.Tensor, queries: torch.Tensor, block_size: int, eps: float, keep_weights: bool):
+        d = like.shape[-1]
         self.queries = queries  # [d, L + 1]: every sublayer's effective query, then the final aggregation's
-        self.block_size, self.eps = block_size, eps
+        # times sqrt(d), as `_scaled_rms` is: a key logit is then one division
+        self.scaled_queries = queries * math.sqrt(d)
+        self.query_columns = self.scaled_queries.mT.unsqueeze(-1).unbind(0)  # [d, 1] each, contiguous
+        self.rms_floor = queries.new_full((), math.sqrt(d * eps))
+        self.block_size, self.eps, self.keep_weights = block_size, eps, keep_weights
         capacity = math.ceil((queries.shape[-1] - 1) / block_size) + 1
         self.values = like.new_empty(capacity, *like.shape, dtype=queries.dtype)  # each source contiguous
-        self.logits: list[torch.Tensor] = []  # per source: [..., columns from its first reader on]
-        self.out = None
+        # per source, its key logits for the query columns from its first reader on
+        self.logits = like.new_empty(capacity, *like.shape[:-1], queries.shape[-1], dtype=queries.dtype)
+        self.size, self.out = 0, None
 
     def _first_reader(self, source: int) -> int:
         """The first query column that attends over `source`: its block's first sublayer, or the final one."""
         return min(source * self.block_size, self.queries.shape[-1] - 1)
 
+    def _scaled_rms(self, value: torch.Tensor) -> torch.Tensor:
+        """sqrt(d) * rms(v), the key norm's eps included, [..., 1]: hypot(||v||, sqrt(d eps)), two ops."""
+        return torch.hypot(torch.linalg.vector_norm(value, dim=-1, keepdim=True), self.rms_floor)
+
     def extend(self, sources: list[torch.Tensor]) -> None:
         """Take in the sources not stacked yet (the list grows by one completed block at a time)."""
-        for source in sources[len(self.logits) :]:
-            i = len(self.logits)
-            value = self.values[i].copy_(source)
-            self.logits.append(_key_logits(value, self.queries[:, self._first_reader(i) :], self.eps)[0])
+        for source in sources[self.size :]:
+            first = self._first_reader(self.size)
+            value = self.values[self.size].copy_(source)
+            dots = _times_queries(value, self.scaled_queries[:, first:])
+            torch.div(dots, self._scaled_rms(value), out=self.logits[self.size, ..., first:])
+            self.size += 1
 
     def _attend(self, first: int, last: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax over the stacked sources for query columns [first, last), mixed into out [..., S, d]."""
-        n, d = len(self.logits), self.values.shape[-1]
-        logits = torch.stack([lg[..., first - self._first_reader(i) : last - self._first_reader(i)]
-                              for i, lg in enumerate(self.logits)], dim=-2)  # [..., n, S]
-        lse = logits.logsumexp(dim=-2)
-        weights = logits.sub_(lse.unsqueeze(-2)).exp_()
-        values = self.values[:n].reshape(n, -1, d).transpose(0, 1)  # [tokens, n, d], a view
-        torch.bmm(weights.mT.reshape(-1, last - first, n), values, out=out.view(-1, last - first, d))
-        return lse, weights
+        """Softmax over the stacked sources for query columns [first, last), mixed into out [..., S, d].
+        Returns the log-sum-exp [..., S] and the weights [..., n, S]."""
+        n, d = self.size, self.values.shape[-1]
+        logits = self.logits[:n, ..., first:last]  # [n, ..., S]
+        lse = logits.logsumexp(dim=0)
+        weights = (logits - lse).exp_()
+        values = self.values[:n].view(n, -1, d).transpose(0, 1)  # [tokens, n, d], a view
+        torch.bmm(weights.view(n, -1, last - first).permute(1, 2, 0), values, out=out.view(-1, last - first, d))
+        return lse, weights.movedim(0, -2)
 
-    def phase1(self, block: int, sources: list[torch.Tensor]) -> "BlockPhase1":
+    def phase1(self, block: int, sources: list[torch.Tensor]) -> BlockPhase1:
         """Phase 1 for `block` over its completed `sources`."""
         self.extend(sources)
         first = block * self.block_size
@@ -355,8 +382,18 @@ class SourceStack:
             self.out = self.values.new_empty(*self.values.shape[1:-1], last - first, self.values.shape[-1])
         lse, weights = self._attend(first, last, self.out)
         first_input, *others = self.out.unbind(-2)  # the block's first sublayer reads phase 1's result as is
-        mixed = (first_input.clone(), *others)
-        return BlockPhase1(sources, self.queries[:, first:last], self.eps, mixed, lse, weights, {})
+        columns = tuple(zip(self.query_columns[first:last], lse.unsqueeze(-1).unbind(-2)))
+        return BlockPhase1(sources, self.queries[:, first:last], self.eps, (first_input.clone(), *others), lse,
+                           weights, {}, self.keep_weights, self, columns)
+
+    def phase2(self, phase1: BlockPhase1, column: int, partial: torch.Tensor):
+        """Phase 2 in inference: (h, beta) as `_Phase2`, beta only if the weights are kept; h is a tensor of
+        its own. Blends by the completed sources' share 1 - beta = sigmoid(lse - w . RMSNorm(p)): one op less."""
+        query, lse = phase1.columns[column]
+        partial32 = _to(partial, self.values.dtype)
+        rest = torch.addcdiv(lse, partial32 @ query, self._scaled_rms(partial32), value=-1).sigmoid_()
+        h = torch.lerp(partial32, phase1.mixed[column], rest)
+        return h, (1 - rest[..., 0] if self.keep_weights else None)
 
     def final(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The final aggregation over all `sources`: (h, alpha), as `depth_attention`."""
@@ -364,33 +401,38 @@ class SourceStack:
         column = self.queries.shape[-1] - 1
         h = self.values.new_empty(*self.values.shape[1:-1], 1, self.values.shape[-1])
         _, alpha = self._attend(column, column + 1, h)
-        return h.squeeze(-2).to(sources[0].dtype), alpha.squeeze(-1)
+        return _to(h.squeeze(-2), sources[0].dtype), alpha.squeeze(-1)
 
 
-def block_phase1(residuals: list["AttnResidual"], sources: list[torch.Tensor]) -> BlockPhase1:
+def block_phase1(
+    residuals: list["AttnResidual"], sources: list[torch.Tensor], keep_weights: bool = True
+) -> BlockPhase1:
     """Phase 1 for the sublayers of one block (`residuals`, in order) over the completed `sources`."""
-    queries = effective_queries(residuals, torch.promote_types(sources[0].dtype, torch.float32))
+    queries = effective_queries(query_parameters(residuals), torch.promote_types(sources[0].dtype, torch.float32))
     eps = residuals[0].key_norm.variance_epsilon
     merge_dots = {}
     *mixed, lse, weights = _Phase1.apply(queries, eps, merge_dots, *sources)
-    return BlockPhase1(sources, queries, eps, tuple(mixed), lse, weights, merge_dots)
+    return BlockPhase1(sources, queries, eps, tuple(mixed), lse, weights, merge_dots, keep_weights)
 
 
 def two_phase_attention(
     phase1: BlockPhase1, column: int, partial: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depth attention of the block's `column`-th sublayer: phase 1's result merged with the partial sum."""
-    weights, mixed = phase1.weights[..., column], phase1.mixed[column]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Depth attention of the block's `column`-th sublayer: phase 1's result merged with the partial sum.
+    Returns (h, alpha), alpha None unless `phase1.keep_weights`."""
+    mixed = phase1.mixed[column]
     if partial is None:  # the block's first sublayer: every source is complete
-        return mixed.to(phase1.sources[0].dtype), weights
-    query, lse = phase1.queries[:, column], phase1.lse[..., column]
-    if torch.is_grad_enabled():
+        return _to(mixed, phase1.sources[0].dtype), phase1.weights[..., column] if phase1.keep_weights else None
+    if phase1.stack is not None:  # inference
+        h, beta = phase1.stack.phase2(phase1, column, partial)
+    else:
+        query, lse, weights = phase1.queries[:, column], phase1.lse[..., column], phase1.weights[..., column]
         h, beta = _Phase2.apply(mixed, partial, query, lse, weights, phase1.eps, phase1.merge_dots, column, *phase1.sources)
-    else:  # inference: a tensor of the sublayer's own, as phase 1's buffer may be reused (SourceStack)
-        beta = _partial_weight(partial, query, lse, phase1.eps)[0]
-        h = torch.lerp(mixed, partial.to(mixed.dtype), beta.unsqueeze(-1))
+    if not phase1.keep_weights:
+        return _to(h, partial.dtype), None
+    weights = phase1.weights[..., column]
     alpha = torch.cat([weights * (1 - beta).unsqueeze(-1), beta.unsqueeze(-1)], dim=-1)
-    return h.to(partial.dtype), alpha
+    return _to(h, partial.dtype), alpha
 
 
 class AttnResidual(nn.Module):
@@ -545,11 +587,15 @@ def _attn_residuals(layers) -> list[AttnResidual]:
     return [r for layer in layers for r in (layer.self_attn_res, layer.mlp_res)]
 
 
-def _materialised(residuals: list[AttnResidual], like: torch.Tensor) -> bool:
-    """Whether every parameter of `residuals` is a plain, non-empty tensor on `like`'s device (not sharded or
-    offloaded)."""
-    params = [p for r in residuals for p in (r.pseudo_query, r.key_norm.weight)]
-    return all(type(p.data) is torch.Tensor and p.numel() > 0 and p.device == like.device for p in params)
+_PLAIN = (nn.Parameter, torch.Tensor)  # not a tensor subclass such as FSDP2's DTensor
+
+
+def _materialised(params: tuple[list[torch.Tensor], list[torch.Tensor]], like: torch.Tensor) -> bool:
+    """Whether all `params` (see `query_parameters`) are plain, non-empty tensors on `like`'s device (not
+    sharded or offloaded)."""
+    device = like.device
+    # the type itself, not `.data`'s: one less tensor per parameter, as decoding checks this for every token
+    return all(type(p) in _PLAIN and p.numel() > 0 and p.device == device for p in itertools.chain(*params))
 
 
 class AttnResModel(AttnResPreTrainedModel):
@@ -568,42 +614,42 @@ class AttnResModel(AttnResPreTrainedModel):
         self.post_init()
 
     def block_phase1(
-        self, first_layer: int, sources: tuple[torch.Tensor, ...], stack: SourceStack | None = None
+        self, first_layer: int, sources: tuple[torch.Tensor, ...], stack: SourceStack | None = None,
+        keep_weights: bool = True,
     ) -> BlockPhase1 | None:
         """Phase 1 of the two-phase computation (spec §5) for the block opening at `first_layer`, or None
         where each sublayer is better off attending on its own: Full AttnRes (one sublayer per block),
-        decoding-sized inputs (fewer ops without it), activation checkpointing (phase 1's outputs would be
-        kept across the block) and parameters not materialised yet. `stack`: see `_source_stack`."""
+        decoding-sized inputs without a source stack (fewer ops without it), activation checkpointing (phase
+        1's outputs would be kept across the block) and parameters not materialised yet. `stack`: see
+        `_source_stack`."""
         size = self.config.sublayers_per_block
         if size is None or size < 2:
             return None
+        if stack is not None:
+            return stack.phase1(2 * first_layer // size, list(sources))
         if _decoding(sources[0]):
             return None
         if self.gradient_checkpointing and self.training:
             return None
-        if stack is not None:
-            return stack.phase1(2 * first_layer // size, list(sources))
         residuals = _attn_residuals(self.layers[first_layer : first_layer + size // 2])
-        if not _materialised(residuals, sources[0]):
+        if not _materialised(query_parameters(residuals), sources[0]):
             # Later layers' parameters are sharded (FSDP, ZeRO-3), offloaded or on another device until their
             # own forward runs: read them only there, each sublayer attending on its own.
             return None
-        return block_phase1(residuals, list(sources))
+        return block_phase1(residuals, list(sources), keep_weights)
 
-    def _source_stack(self, inputs_embeds: torch.Tensor) -> SourceStack | None:
-        """The source stack for a Block AttnRes inference forward on CPU, or None: in training, when decoding
-        (no phase 1 there), on GPUs (phase 1's stacked form, measured there: PHASE1_STACKED_DEVICES) and
-        while parameters are not all materialised here."""
+    def _source_stack(self, inputs_embeds: torch.Tensor, keep_weights: bool) -> SourceStack | None:
+        """The source stack for a Block AttnRes inference forward, or None: in training and while parameters
+        are not all materialised here."""
         size = self.config.sublayers_per_block
-        if torch.is_grad_enabled() or size is None or size < 2 or _decoding(inputs_embeds):
+        if torch.is_grad_enabled() or size is None or size < 2:
             return None
-        if inputs_embeds.device.type in PHASE1_STACKED_DEVICES:
+        layers = itertools.islice(self.layers, self.config.num_hidden_layers)  # no ModuleList built per token
+        params = query_parameters(_attn_residuals(layers) + [self.final_res])
+        if not _materialised(params, inputs_embeds):
             return None
-        residuals = _attn_residuals(self.layers[: self.config.num_hidden_layers]) + [self.final_res]
-        if not _materialised(residuals, inputs_embeds):
-            return None
-        queries = effective_queries(residuals, torch.promote_types(inputs_embeds.dtype, torch.float32))
-        return SourceStack(inputs_embeds, queries, size, self.final_res.key_norm.variance_epsilon)
+        queries = effective_queries(params, torch.promote_types(inputs_embeds.dtype, torch.float32))
+        return SourceStack(inputs_embeds, queries, size, self.final_res.key_norm.variance_epsilon, keep_weights)
 
     def _masks(self, attention_mask, inputs_embeds, past_key_values, position_ids) -> dict:
         if isinstance(attention_mask, dict):  # already prepared, e.g. by generate()
@@ -663,12 +709,12 @@ class AttnResModel(AttnResPreTrainedModel):
         sources: tuple[torch.Tensor, ...] = (inputs_embeds,)
         all_hidden, all_attn, depth = [], [], []
         phase1 = None
-        stack = self._source_stack(inputs_embeds)
+        stack = self._source_stack(inputs_embeds, output_depth_attentions)
         for layer in self.layers[: self.config.num_hidden_layers]:
             if output_hidden_states:
                 all_hidden.append(sources[0] if len(sources) == 1 else torch.stack(sources).sum(0))
             if layer.block_starts[0]:
-                phase1 = self.block_phase1(layer.layer_idx, sources, stack)
+                phase1 = self.block_phase1(layer.layer_idx, sources, stack, output_depth_attentions)
             sources, attn_weights, alphas = layer(
                 *sources,
                 attention_mask=masks[self.config.layer_types[layer.layer_idx]],
