@@ -64,7 +64,7 @@ def main() -> None:
 
         def inference_stack():
             with torch.no_grad():  # phase 1 of the n-th block: every source is complete
-                modeling.SourceStack(sources[0], stack_queries, args.queries, 1e-5, False).phase1(n - 1, sources)
+                modeling.SourceStack(sources[0], stack_queries, args.queries, 1e-5).phase1(n - 1, sources, False)
 
         result = {}
         for form, devices in (("loop", ()), ("stacked", (torch.device(device).type,))):

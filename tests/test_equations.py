@@ -81,8 +81,8 @@ CASES = {
 @pytest.fixture(params=["decoding-sized", "prefill-sized", "decoding-sized, no stack", "prefill-sized, no stack"])
 def inference_path(request, monkeypatch):
     """Every inference code path. Block AttnRes goes through the model's source stack (SourceStack) at both
-    sizes, or, where it has none (parameters sharded or offloaded; larger inputs on a GPU), through each
-    sublayer stacking its own sources (decoding-sized, as Full AttnRes does) or the two-phase computation."""
+    sizes, or, where it has none (parameters sharded or offloaded), through each sublayer stacking its own
+    sources (decoding-sized, as Full AttnRes does) or the two-phase computation's autograd functions."""
     from hf_attnres import AttnResModel
     from hf_attnres.modeling import modeling_attnres
 

@@ -274,12 +274,6 @@ class _Phase1(torch.autograd.Function):
         return grad_queries, None, None, *grad_sources
 
 
-def _partial_weight(partial: torch.Tensor, query: torch.Tensor, lse: torch.Tensor, eps: float):
-    """(beta, q . p, 1 / rms(p)): beta = sigmoid(w_j . RMSNorm(p) - lse_j), the partial sum's share."""
-    logit, dot, inv_rms = _key_logits(partial, query[:, None], eps)
-    return torch.sigmoid(logit[..., 0] - lse), dot, inv_rms
-
-
 class _Phase2(torch.autograd.Function):
     """Phase 2 of the block's sublayer `column`: h = mixed + beta * (partial - mixed), and beta.
 
@@ -292,7 +286,8 @@ class _Phase2(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mixed, partial, query, lse, weights, eps, merge_dots, column, *sources):
-        beta, dot, inv_rms = _partial_weight(partial, query, lse, eps)
+        logit, dot, inv_rms = _key_logits(partial, query[:, None], eps)
+        beta = torch.sigmoid(logit[..., 0] - lse)  # the partial sum's share
         ctx.save_for_backward(partial, query, dot, inv_rms, beta, weights, *sources)
         ctx.merge_dots, ctx.column = merge_dots, column
         ctx.mark_non_differentiable(beta)
@@ -331,14 +326,14 @@ class SourceStack:
     source at every sublayer.
     """
 
-    def __init__(self, like: torch.Tensor, queries: torch.Tensor, block_size: int, eps: float, keep_weights: bool):
+    def __init__(self, like: torch.Tensor, queries: torch.Tensor, block_size: int, eps: float):
         d = like.shape[-1]
         self.queries = queries  # [d, L + 1]: every sublayer's effective query, then the final aggregation's
         # times sqrt(d), as `_scaled_rms` is: a key logit is then one division
         self.scaled_queries = queries * math.sqrt(d)
         self.query_columns = self.scaled_queries.mT.unsqueeze(-1).unbind(0)  # [d, 1] each, contiguous
         self.rms_floor = queries.new_full((), math.sqrt(d * eps))
-        self.block_size, self.eps, self.keep_weights = block_size, eps, keep_weights
+        self.block_size, self.eps = block_size, eps
         capacity = math.ceil((queries.shape[-1] - 1) / block_size) + 1
         self.values = like.new_empty(capacity, *like.shape, dtype=queries.dtype)  # each source contiguous
         # per source, its key logits for the query columns from its first reader on
@@ -373,7 +368,7 @@ class SourceStack:
         torch.bmm(weights.view(n, -1, last - first).permute(1, 2, 0), values, out=out.view(-1, last - first, d))
         return lse, weights.movedim(0, -2)
 
-    def phase1(self, block: int, sources: list[torch.Tensor]) -> BlockPhase1:
+    def phase1(self, block: int, sources: list[torch.Tensor], keep_weights: bool) -> BlockPhase1:
         """Phase 1 for `block` over its completed `sources`."""
         self.extend(sources)
         first = block * self.block_size
@@ -384,7 +379,7 @@ class SourceStack:
         first_input, *others = self.out.unbind(-2)  # the block's first sublayer reads phase 1's result as is
         columns = tuple(zip(self.query_columns[first:last], lse.unsqueeze(-1).unbind(-2)))
         return BlockPhase1(sources, self.queries[:, first:last], self.eps, (first_input.clone(), *others), lse,
-                           weights, {}, self.keep_weights, self, columns)
+                           weights, {}, keep_weights, self, columns)
 
     def phase2(self, phase1: BlockPhase1, column: int, partial: torch.Tensor):
         """Phase 2 in inference: (h, beta) as `_Phase2`, beta only if the weights are kept; h is a tensor of
@@ -393,7 +388,7 @@ class SourceStack:
         partial32 = _to(partial, self.values.dtype)
         rest = torch.addcdiv(lse, partial32 @ query, self._scaled_rms(partial32), value=-1).sigmoid_()
         h = torch.lerp(partial32, phase1.mixed[column], rest)
-        return h, (1 - rest[..., 0] if self.keep_weights else None)
+        return h, (1 - rest[..., 0] if phase1.keep_weights else None)
 
     def final(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The final aggregation over all `sources`: (h, alpha), as `depth_attention`."""
@@ -626,7 +621,7 @@ class AttnResModel(AttnResPreTrainedModel):
         if size is None or size < 2:
             return None
         if stack is not None:
-            return stack.phase1(2 * first_layer // size, list(sources))
+            return stack.phase1(2 * first_layer // size, list(sources), keep_weights)
         if _decoding(sources[0]):
             return None
         if self.gradient_checkpointing and self.training:
@@ -638,18 +633,17 @@ class AttnResModel(AttnResPreTrainedModel):
             return None
         return block_phase1(residuals, list(sources), keep_weights)
 
-    def _source_stack(self, inputs_embeds: torch.Tensor, keep_weights: bool) -> SourceStack | None:
-        """The source stack for a Block AttnRes inference forward, or None: in training and while parameters
-        are not all materialised here."""
+    def _source_stack(self, inputs_embeds: torch.Tensor, layers: list[AttnResDecoderLayer]) -> SourceStack | None:
+        """The source stack for a Block AttnRes inference forward over `layers`, or None: in training and while
+        parameters are not all materialised here."""
         size = self.config.sublayers_per_block
         if torch.is_grad_enabled() or size is None or size < 2:
             return None
-        layers = itertools.islice(self.layers, self.config.num_hidden_layers)  # no ModuleList built per token
         params = query_parameters(_attn_residuals(layers) + [self.final_res])
         if not _materialised(params, inputs_embeds):
             return None
         queries = effective_queries(params, torch.promote_types(inputs_embeds.dtype, torch.float32))
-        return SourceStack(inputs_embeds, queries, size, self.final_res.key_norm.variance_epsilon, keep_weights)
+        return SourceStack(inputs_embeds, queries, size, self.final_res.key_norm.variance_epsilon)
 
     def _masks(self, attention_mask, inputs_embeds, past_key_values, position_ids) -> dict:
         if isinstance(attention_mask, dict):  # already prepared, e.g. by generate()
@@ -709,8 +703,9 @@ class AttnResModel(AttnResPreTrainedModel):
         sources: tuple[torch.Tensor, ...] = (inputs_embeds,)
         all_hidden, all_attn, depth = [], [], []
         phase1 = None
-        stack = self._source_stack(inputs_embeds, output_depth_attentions)
-        for layer in self.layers[: self.config.num_hidden_layers]:
+        layers = list(itertools.islice(self.layers, self.config.num_hidden_layers))  # no ModuleList per token
+        stack = self._source_stack(inputs_embeds, layers)
+        for layer in layers:
             if output_hidden_states:
                 all_hidden.append(sources[0] if len(sources) == 1 else torch.stack(sources).sum(0))
             if layer.block_starts[0]:
