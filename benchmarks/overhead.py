@@ -2,8 +2,9 @@
 
 Defaults are SmolLM2-135M's dimensions (30 layers, hidden 576, 9/3 heads, intermediate 1536, vocab 49152)
 with random weights, CPU fp32, sdpa, batch 4 x 512. Each metric is timed in its own loop, the models
-interleaved (Llama, block, full, Llama, ...) so machine noise hits every model alike; the reported figure is
-the median. On CPU the timings run with glibc set to reuse freed memory (`--allocator steady`, see
+interleaved (Llama, block, full, Llama, ...; decoding token by token) so machine noise hits every model alike;
+the reported figure is the median. Block AttnRes decodes on CPU through hf_attnres's fused kernels (built on
+first use; `--kernels off` times the plain torch ops instead). On CPU the timings run with glibc set to reuse freed memory (`--allocator steady`, see
 STEADY_ALLOCATOR_ENV): with its default thresholds, page faults vary tenfold between identical runs and
 swamp the few percent being measured. `--allocator default` times without it. Peak memory of a training
 step is measured in a fresh subprocess per model (weights + activations + gradients + the loss), twice per
@@ -94,17 +95,26 @@ def prefill(model, ids) -> float:
 
 
 @torch.no_grad()
-def decode_tok_s(model, prompt, new_tokens: int) -> float:
-    """Tokens/s of the decode phase alone (prefill excluded), greedy, batch 1."""
-    out = model(input_ids=prompt, use_cache=True)
-    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    sync(prompt.device)
-    t = time.perf_counter()
+def decode_tok_s(models: list, prompt, new_tokens: int) -> list[float]:
+    """Tokens/s of the decode phase alone (prefill excluded), greedy, batch 1, for each of `models`, their
+    steps interleaved token by token: on this shared machine a model's tokens/s moves by 10-30% from one
+    64-token run to the next, and a drift within a run hits every model alike only at this granularity."""
+    state = []
+    for model in models:
+        out = model(input_ids=prompt, use_cache=True)
+        state.append((out.past_key_values, out.logits[:, -1:].argmax(-1)))
+    elapsed = [0.0] * len(models)
     for _ in range(new_tokens):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    sync(prompt.device)
-    return new_tokens / (time.perf_counter() - t)
+        for i, model in enumerate(models):
+            cache, nxt = state[i]
+            sync(prompt.device)
+            t = time.perf_counter()
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            sync(prompt.device)
+            elapsed[i] += time.perf_counter() - t
+            state[i] = (out.past_key_values, nxt)
+    return [new_tokens / e for e in elapsed]
 
 
 def peak_rss_child(kind: str, argv: list[str], env: dict[str, str] | None = None) -> float:
@@ -170,6 +180,9 @@ def main() -> None:
     p.add_argument("--allocator", default="steady", choices=["steady", "default"],
                    help="glibc settings for the CPU timings: 'steady' (default) reuses freed memory without page "
                         "faults, as a caching allocator does; 'default' leaves glibc's dynamic thresholds")
+    p.add_argument("--kernels", default="auto", choices=["auto", "off"],
+                   help="hf_attnres's fused CPU decoding kernels: 'auto' (default) builds or loads them; 'off' "
+                        "times Block AttnRes decoding as plain torch ops (HF_ATTNRES_KERNELS=0)")
     p.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child-peak-mem", help=argparse.SUPPRESS)
@@ -184,32 +197,36 @@ def main() -> None:
     if not cuda and args.allocator == "steady" and steady:  # glibc reads these at start: run again with them
         os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **steady})
 
+    if args.kernels == "off":
+        os.environ["HF_ATTNRES_KERNELS"] = "0"
+    from hf_attnres import kernels
+
     kinds = ["llama", *args.modes.split(",")]
     metrics = set(args.metrics.split(","))
+    fused = "not used on this device" if cuda else "loaded" if kernels.load() else "off or unavailable"
     allocator = "" if cuda else f", glibc allocator: {args.allocator}"
     where = torch.cuda.get_device_name(args.device) if cuda else f"{torch.get_num_threads()} CPU threads{allocator}"
     print(f"torch {torch.__version__}, {where}; dims: {args.layers} layers, hidden {args.hidden}, "
-          f"batch {args.batch} x {args.seq}, {args.dtype}, sdpa", flush=True)
+          f"batch {args.batch} x {args.seq}, {args.dtype}, sdpa; fused decoding kernels: {fused}", flush=True)
     models = {k: build(k, args) for k in kinds}
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     prompt = ids[:1, :32]
-    timers = {
-        "train_step": lambda m: train_step(m.train(), ids),
-        "prefill": lambda m: prefill(m.eval(), ids),
-        "decode_tok_s": lambda m: decode_tok_s(m.eval(), prompt, args.new_tokens),
+    timers = {  # each times all the models, interleaved
+        "train_step": lambda ms: [train_step(m.train(), ids) for m in ms],
+        "prefill": lambda ms: [prefill(m.eval(), ids) for m in ms],
+        "decode_tok_s": lambda ms: decode_tok_s([m.eval() for m in ms], prompt, args.new_tokens),
     }
     times = {k: {metric: [] for metric in timers} for k in kinds}
     for metric, timer in timers.items():
         if metric not in metrics:
             continue
         for rep in range(args.repeats + 1):  # rep 0 warms up
-            line = []
-            for k in kinds:
-                value = timer(models[k])
-                line.append(f"{k} {value:.3f}")
-                if rep:
+            values = timer([models[k] for k in kinds])
+            if rep:
+                for k, value in zip(kinds, values):
                     times[k][metric].append(value)
-            print(f"  {metric} rep {rep}{' (warm-up)' if not rep else ''}: " + ", ".join(line), flush=True)
+            line = ", ".join(f"{k} {value:.3f}" for k, value in zip(kinds, values))
+            print(f"  {metric} rep {rep}{' (warm-up)' if not rep else ''}: {line}", flush=True)
     saved = {k: saved_activation_mb(models[k].train(), ids) for k in kinds} if "peak_mem" in metrics else {}
     del models
     if cuda:  # give the cached blocks back, or the children measuring peak memory run out of it

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -67,3 +69,31 @@ def tiny_attnres(mode: str = "block", seed: int = 0, random_queries: bool = True
 def token_ids(batch: int = 2, seq: int = 11, seed: int = 0, vocab: int = TINY["vocab_size"]) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=g)
+
+
+@contextlib.contextmanager
+def without_fused_kernels():
+    """The modeling code as a Hub folder runs it where hf_attnres is not installed: plain torch ops only."""
+    from hf_attnres.modeling import modeling_attnres
+
+    saved = modeling_attnres._fused_kernels
+    modeling_attnres._fused_kernels = lambda: None
+    try:
+        yield
+    finally:
+        modeling_attnres._fused_kernels = saved
+
+
+def fused_kernels():
+    """hf_attnres's fused CPU kernels, built if needed. They are the default decoding path on CPU, so a
+    machine that cannot build them fails the tests that need them, unless HF_ATTNRES_KERNELS=0 says so."""
+    import pytest
+
+    from hf_attnres import kernels
+    from hf_attnres.modeling import modeling_attnres
+
+    if not kernels.enabled():
+        pytest.skip("HF_ATTNRES_KERNELS=0")
+    module = kernels.get(modeling_attnres.FUSED_ABI)
+    assert module is not None, "the fused CPU kernels did not build: see the warning, or set HF_ATTNRES_KERNELS=0"
+    return module

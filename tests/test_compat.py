@@ -17,7 +17,7 @@ import pytest
 import torch
 from packaging.version import Version
 
-from _tiny import tiny_attnres, token_ids
+from _tiny import tiny_attnres, token_ids, without_fused_kernels
 from hf_attnres import save_for_hub
 
 COMPAT = os.environ.get("HF_ATTNRES_COMPAT_TRANSFORMERS")
@@ -53,5 +53,5 @@ def test_hub_folder_loads_with_oldest_supported_transformers(tmp_path):
     run = subprocess.run([sys.executable, "-I", "-c", LOAD, COMPAT, str(tmp_path / "model"), str(tmp_path / "ids.pt"),
                           str(tmp_path / "out.pt")], check=True, env=env, capture_output=True, text=True)
     assert Version(run.stdout.splitlines()[0]) == Version(lower_bound()), run.stdout  # really the old version
-    with torch.no_grad():
+    with torch.no_grad(), without_fused_kernels():  # the same code path as the old process (no hf_attnres)
         assert torch.equal(torch.load(tmp_path / "out.pt"), model(ids).logits)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _tiny import tiny_attnres, token_ids
+from _tiny import tiny_attnres, token_ids, without_fused_kernels
 from hf_attnres import save_for_hub
 from hf_attnres.hub import CODE_FILES
 
@@ -65,7 +65,7 @@ def test_trust_remote_code_load_without_package(hub_folder, tmp_path):
     subprocess.run([sys.executable, "-I", "-c", ISOLATED_LOAD, str(path), str(tmp_path / "ids.pt"),
                     str(tmp_path / "out.pt")], check=True, env=env, cwd=tmp_path)
     remote = torch.load(tmp_path / "out.pt")
-    with torch.no_grad():
+    with torch.no_grad(), without_fused_kernels():  # the same code path as the remote process (no hf_attnres)
         local = model(ids).logits
     assert torch.equal(remote, local)
 

@@ -15,6 +15,7 @@ from .modeling import (
     depth_attention,
 )
 from .hub import save_for_hub
+from . import kernels  # the modeling code finds it here (sys.modules) and builds the kernels on first use
 
 __version__ = ATTNRES_VERSION
 

@@ -14,6 +14,8 @@ Hub-portable: imports only torch, transformers, the standard library and the con
 
 import itertools
 import math
+import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -121,8 +123,14 @@ def key_logits(value: torch.Tensor, queries: torch.Tensor, eps: float) -> torch.
 
 
 def query_parameters(attn_residuals: list["AttnResidual"]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The pseudo-queries w and key-norm weights gamma of `attn_residuals`, in order."""
-    return [r.pseudo_query for r in attn_residuals], [r.key_norm.weight for r in attn_residuals]
+    """The pseudo-queries w and key-norm weights gamma of `attn_residuals`, in order. Read from the modules'
+    own dicts where they are plain AttnResiduals (decoding gathers them per token; see `_attn_residuals`), by
+    attribute otherwise (e.g. a wrapper of PEFT's `modules_to_save`)."""
+    plain = [type(r) is AttnResidual for r in attn_residuals]
+    return (
+        [r._parameters["pseudo_query"] if p else r.pseudo_query for r, p in zip(attn_residuals, plain)],
+        [r._modules["key_norm"]._parameters["weight"] if p else r.key_norm.weight for r, p in zip(attn_residuals, plain)],
+    )
 
 
 def effective_queries(params: tuple[list[torch.Tensor], list[torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
@@ -200,8 +208,10 @@ class BlockPhase1:
     weights: torch.Tensor  # [..., n, S] softmax over the sources (no gradient: `mixed` carries it)
     merge_dots: dict  # backward only: column -> (grad of mixed, its dots with the sources), from phase 2
     keep_weights: bool = True  # whether the sublayers return their depth weights alpha
-    stack: "SourceStack | None" = None  # inference over a source stack, whose phase 2 the sublayers use
-    columns: tuple = ()  # with `stack`: per sublayer (its query [d, 1], scaled as the stack's; lse [..., 1])
+    stack: "SourceStack | FusedSourceStack | None" = None  # inference: the stack whose phase 2 the sublayers use
+    # with a SourceStack: per sublayer (its query [d, 1], scaled as the stack's; lse [..., 1]); with a
+    # FusedSourceStack: (the block's first query column,), its results staying in the kernels
+    columns: tuple = ()
 
 
 # Devices where phase 1 in training stacks the block's sources into one [tokens, n, d] tensor and uses batched
@@ -399,6 +409,53 @@ class SourceStack:
         return _to(h.squeeze(-2), sources[0].dtype), alpha.squeeze(-1)
 
 
+# Fused CPU kernels for decoding, from the hf_attnres package (hf_attnres.kernels: a module built once with the
+# system's C++ compiler). Without them, or without the package, the same equations run as SourceStack's torch
+# ops, whose fixed costs per op are most of what AttnRes adds to a decoding step on CPU.
+FUSED_ABI = 1  # the kernels' interface this file calls
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# per generation (its cache): (model, input shape and dtype, layers) and the FusedSourceStack of its last step
+_FUSED_STACKS: "weakref.WeakKeyDictionary[Cache, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _fused_kernels():
+    """The hf_attnres package's fused CPU kernels if the package is imported (built on first use), else None."""
+    kernels = sys.modules.get("hf_attnres.kernels")
+    return None if kernels is None else kernels.get(FUSED_ABI)
+
+
+class FusedSourceStack:
+    """`SourceStack` in the fused kernels, for decoding on CPU without depth weights: one call per block for
+    phase 1 and one per sublayer for phase 2. Nothing is stacked or precomputed: on one token, with the
+    decoder's weights streaming through the caches between calls, reading each source and each query once
+    when needed is cheaper than any copy (see the kernels' source)."""
+
+    def __init__(self, decoder, block_size: int, eps: float):
+        self.decoder, self.block_size, self.eps = decoder, block_size, eps
+        self.final_column = decoder.columns() - 1
+
+    @classmethod
+    def create(cls, kernels, like: torch.Tensor, params: tuple[list[torch.Tensor], list[torch.Tensor]],
+               block_size: int, eps: float) -> "FusedSourceStack | None":
+        """The stack for a forward on `like`, or None where a parameter is not a plain tensor on the CPU."""
+        d = like.shape[-1]
+        decoder = kernels.Decoder.create(*params, like.numel() // d, d, block_size, eps)
+        return None if decoder is None else cls(decoder, block_size, eps)
+
+    def phase1(self, block: int, sources: list[torch.Tensor], keep_weights: bool) -> BlockPhase1:
+        """Phase 1 for `block`: the first sublayer's input as `mixed[0]`; the others' results stay in the kernels."""
+        first = block * self.block_size
+        last = min(first + self.block_size, self.final_column)
+        first_input = self.decoder.phase1(sources, first, last)
+        return BlockPhase1(sources, None, self.eps, (first_input,), None, None, {}, False, self, (first,))
+
+    def phase2(self, phase1: BlockPhase1, column: int, partial: torch.Tensor):
+        return self.decoder.phase2(partial, phase1.columns[0] + column, column), None
+
+    def final(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, None]:
+        return self.decoder.phase1(sources, self.final_column, self.final_column + 1), None
+
+
 def block_phase1(
     residuals: list["AttnResidual"], sources: list[torch.Tensor], keep_weights: bool = True
 ) -> BlockPhase1:
@@ -415,14 +472,15 @@ def two_phase_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Depth attention of the block's `column`-th sublayer: phase 1's result merged with the partial sum.
     Returns (h, alpha), alpha None unless `phase1.keep_weights`."""
-    mixed = phase1.mixed[column]
     if partial is None:  # the block's first sublayer: every source is complete
-        return _to(mixed, phase1.sources[0].dtype), phase1.weights[..., column] if phase1.keep_weights else None
+        mixed = _to(phase1.mixed[column], phase1.sources[0].dtype)
+        return mixed, phase1.weights[..., column] if phase1.keep_weights else None
     if phase1.stack is not None:  # inference
         h, beta = phase1.stack.phase2(phase1, column, partial)
     else:
-        query, lse, weights = phase1.queries[:, column], phase1.lse[..., column], phase1.weights[..., column]
-        h, beta = _Phase2.apply(mixed, partial, query, lse, weights, phase1.eps, phase1.merge_dots, column, *phase1.sources)
+        mixed, query, lse = phase1.mixed[column], phase1.queries[:, column], phase1.lse[..., column]
+        h, beta = _Phase2.apply(mixed, partial, query, lse, phase1.weights[..., column], phase1.eps,
+                                phase1.merge_dots, column, *phase1.sources)
     if not phase1.keep_weights:
         return _to(h, partial.dtype), None
     weights = phase1.weights[..., column]
@@ -486,13 +544,13 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         self.block_columns = (attn_sublayer % size, mlp_sublayer % size)  # position within the block
 
     def _sublayer_input(self, sublayer: int, blocks: list, partial: torch.Tensor, phase1: BlockPhase1 | None):
-        attn_res = (self.self_attn_res, self.mlp_res)[sublayer]
+        if phase1 is not None:  # Block AttnRes: phase 1 saw every source but this block's partial sum
+            column = self.block_columns[sublayer]
+            return two_phase_attention(phase1, column, None if column == 0 else partial)
+        attn_res = self.self_attn_res if sublayer == 0 else self.mlp_res
         if attn_res is None:  # standard residual: the sublayer reads the running sum itself
             return partial, None
-        if phase1 is None:
-            return attn_res(blocks + [partial])
-        column = self.block_columns[sublayer]  # phase 1 saw every source but this block's partial sum
-        return two_phase_attention(phase1, column, None if column == 0 else partial)
+        return attn_res(blocks + [partial])
 
     def forward(
         self,
@@ -578,8 +636,9 @@ class AttnResPreTrainedModel(PreTrainedModel):
 
 
 def _attn_residuals(layers) -> list[AttnResidual]:
-    """The layers' attention residuals in sublayer order (attention, then MLP, per layer)."""
-    return [r for layer in layers for r in (layer.self_attn_res, layer.mlp_res)]
+    """The layers' attention residuals in sublayer order (attention, then MLP, per layer). From the modules'
+    own dicts: nn.Module's attribute lookup costs about a microsecond, and decoding gathers these per token."""
+    return [layer._modules[name] for layer in layers for name in ("self_attn_res", "mlp_res")]
 
 
 _PLAIN = (nn.Parameter, torch.Tensor)  # not a tensor subclass such as FSDP2's DTensor
@@ -633,17 +692,47 @@ class AttnResModel(AttnResPreTrainedModel):
             return None
         return block_phase1(residuals, list(sources), keep_weights)
 
-    def _source_stack(self, inputs_embeds: torch.Tensor, layers: list[AttnResDecoderLayer]) -> SourceStack | None:
+    def _source_stack(
+        self, inputs_embeds: torch.Tensor, layers: list[AttnResDecoderLayer], keep_weights: bool,
+        past_key_values: Cache | None = None,
+    ) -> SourceStack | FusedSourceStack | None:
         """The source stack for a Block AttnRes inference forward over `layers`, or None: in training and while
-        parameters are not all materialised here."""
+        parameters are not all materialised here. Decoding on CPU without depth weights (`keep_weights`) uses
+        the fused kernels where they are loaded."""
         size = self.config.sublayers_per_block
         if torch.is_grad_enabled() or size is None or size < 2:
             return None
+        if (not keep_weights and inputs_embeds.device.type == "cpu" and inputs_embeds.dtype in _FUSED_DTYPES
+                and _decoding(inputs_embeds) and not torch.compiler.is_compiling()):
+            stack = self._fused_stack(inputs_embeds, layers, past_key_values)
+            if stack is not None:
+                return stack
         params = query_parameters(_attn_residuals(layers) + [self.final_res])
         if not _materialised(params, inputs_embeds):
             return None
         queries = effective_queries(params, torch.promote_types(inputs_embeds.dtype, torch.float32))
         return SourceStack(inputs_embeds, queries, size, self.final_res.key_norm.variance_epsilon)
+
+    def _fused_stack(self, like: torch.Tensor, layers: list[AttnResDecoderLayer], cache: Cache | None):
+        """A `FusedSourceStack`, or None where the kernels or the parameters do not allow one.
+
+        A decoding step reuses the previous step's stack of the same generation (the same cache, grown since,
+        and the same input shape): gathering 4 L + 2 parameters from their modules costs about as much per
+        token as the depth attention itself. Only a stack that reads the parameters themselves (all fp32) is
+        kept, so it sees in-place changes of their values; a new or emptied cache starts a new one."""
+        kernels = _fused_kernels()
+        if kernels is None:
+            return None
+        key = (weakref.ref(self), like.shape, like.dtype, len(layers))
+        kept = _FUSED_STACKS.get(cache) if cache is not None else None
+        if kept is not None and kept[0] == key and cache.get_seq_length() > 0:
+            return kept[1]
+        params = query_parameters(_attn_residuals(layers) + [self.final_res])
+        stack = FusedSourceStack.create(kernels, like, params, self.config.sublayers_per_block,
+                                        self.final_res.key_norm.variance_epsilon)
+        if cache is not None and stack is not None and stack.decoder.reads_parameters:
+            _FUSED_STACKS[cache] = (key, stack)
+        return stack
 
     def _masks(self, attention_mask, inputs_embeds, past_key_values, position_ids) -> dict:
         if isinstance(attention_mask, dict):  # already prepared, e.g. by generate()
@@ -704,7 +793,7 @@ class AttnResModel(AttnResPreTrainedModel):
         all_hidden, all_attn, depth = [], [], []
         phase1 = None
         layers = list(itertools.islice(self.layers, self.config.num_hidden_layers))  # no ModuleList per token
-        stack = self._source_stack(inputs_embeds, layers)
+        stack = self._source_stack(inputs_embeds, layers, output_depth_attentions, past_key_values)
         for layer in layers:
             if output_hidden_states:
                 all_hidden.append(sources[0] if len(sources) == 1 else torch.stack(sources).sum(0))
@@ -721,7 +810,8 @@ class AttnResModel(AttnResPreTrainedModel):
                 **kwargs,
             )
             all_attn.append(attn_weights)
-            depth.extend(a for a in alphas if a is not None)
+            if output_depth_attentions:
+                depth.extend(a for a in alphas if a is not None)
 
         if self.final_res is None:
             hidden_states = sources[-1]

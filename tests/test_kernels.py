@@ -1,0 +1,147 @@
+"""hf_attnres's fused CPU decoding kernels (hf_attnres.kernels): their numerics against the plain-torch path
+and the equations, their reuse from one decoding step to the next, and the loader's failure modes.
+
+The kernels' equations are also checked case by case against the literal transcription in
+test_equations.py (its "decoding-sized, fused kernels" inference path)."""
+
+import logging
+
+import pytest
+import torch
+
+from _tiny import fused_kernels, tiny_attnres, token_ids, without_fused_kernels
+from hf_attnres import kernels
+from hf_attnres.modeling import modeling_attnres
+
+
+def decode(model, ids: torch.Tensor, steps: int, change_at: int | None = None) -> list[torch.Tensor]:
+    """Greedy decoding step by step from `ids`, returning each step's logits; at step `change_at` one
+    pseudo-query is changed in place first (as a training step between decoding steps would)."""
+    out = model(input_ids=ids, use_cache=True)
+    cache, nxt, logits = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+    for step in range(steps):
+        if step == change_at:
+            model.model.layers[1].mlp_res.pseudo_query.mul_(-2.0)
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        logits.append(out.logits)
+    return logits
+
+
+@torch.no_grad()
+def test_fused_decoding_equals_plain_torch_and_reuses_its_state():
+    fused_kernels()
+    model = tiny_attnres("block", num_hidden_layers=5, attn_res_block_size=4)
+    ids = token_ids(batch=2, seq=7)
+    with without_fused_kernels():
+        expected = decode(model, ids, 6)
+    kept = []
+    create = modeling_attnres.FusedSourceStack.create
+    modeling_attnres.FusedSourceStack.create = classmethod(lambda cls, *a: kept.append(create(*a)) or kept[-1])
+    try:
+        got = decode(model, ids, 6)
+    finally:
+        modeling_attnres.FusedSourceStack.create = create
+    # the same logits, within fp32 rounding of two summation orders (the logits are O(1))
+    assert max((g - e).abs().max().item() for g, e in zip(got, expected)) < 2e-5
+    # one stack for the 7-token prompt, one for all six single-token steps of the same generation
+    assert len(kept) == 2 and all(type(k) is modeling_attnres.FusedSourceStack for k in kept)
+
+
+@torch.no_grad()
+def test_reused_state_sees_parameters_changed_in_place():
+    """The state kept between decoding steps reads the parameters themselves: a change between two steps
+    shows in the next one exactly as on the plain-torch path, which keeps nothing."""
+    fused_kernels()
+    ids = token_ids(batch=1, seq=5)
+    with without_fused_kernels():
+        expected = decode(tiny_attnres("block", num_hidden_layers=4, attn_res_block_size=2), ids, 4, change_at=2)
+    got = decode(tiny_attnres("block", num_hidden_layers=4, attn_res_block_size=2), ids, 4, change_at=2)
+    assert (expected[2] - expected[1]).abs().max() > 1e-2  # the change matters
+    assert max((g - e).abs().max().item() for g, e in zip(got, expected)) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_fused_half_precision_within_plain_torch_floor(dtype):
+    """In bf16/fp16 the kernels compute in fp32 and round h once, as the plain-torch path does. Noise floor:
+    that path's own error against the fp32 model; the kernels may not exceed it by more than half again."""
+    fused_kernels()
+    model = tiny_attnres("block", num_hidden_layers=5, attn_res_block_size=4)
+    ids = token_ids(seq=9)
+    reference = model(ids).logits
+    half = model.to(dtype)
+    with without_fused_kernels():
+        floor = (half(ids).logits.float() - reference).abs().max().item()
+    error = (half(ids).logits.float() - reference).abs().max().item()
+    print(f"{dtype}: max |logit error| fused {error:.4g}, plain torch {floor:.4g}")
+    assert error <= 1.5 * floor
+
+
+@torch.no_grad()
+def test_depth_weights_and_training_do_not_use_the_kernels(monkeypatch):
+    """The kernels return no depth weights and no gradients: those paths keep the plain-torch code."""
+    fused_kernels()
+    model = tiny_attnres("block")
+    ids = token_ids(seq=6)
+    layers = list(model.model.layers)
+    embeds = model.model.embed_tokens(ids)
+    assert type(model.model._source_stack(embeds, layers, False)) is modeling_attnres.FusedSourceStack
+    assert type(model.model._source_stack(embeds, layers, True)) is modeling_attnres.SourceStack
+    with torch.enable_grad():
+        assert model.model._source_stack(embeds, layers, False) is None
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """The loader as in a new process, building into an empty cache."""
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setenv("HF_ATTNRES_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_failed_build_warns_and_models_run_without_kernels(fresh_loader, monkeypatch, caplog):
+    def no_compiler(directory, verbose):
+        (directory / "partial.o").write_text("half a build")
+        raise RuntimeError("Error building extension 'hf_attnres_kernels'\nc++: command not found")
+
+    monkeypatch.setattr(kernels, "_compile", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="hf_attnres.kernels"):
+        assert kernels.get(modeling_attnres.FUSED_ABI) is None
+        assert kernels.get(modeling_attnres.FUSED_ABI) is None  # not retried
+    warnings = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "c++: command not found" in warnings[0] and "build-kernels" in warnings[0]
+    # nothing half-built is left where a later load would find it
+    assert not kernels.build_directory().exists() and not list((fresh_loader / "kernels").iterdir())
+    model = tiny_attnres("block")
+    ids = token_ids(seq=6)
+    with torch.no_grad():
+        got = model(ids).logits
+        with without_fused_kernels():
+            assert torch.equal(got, model(ids).logits)
+
+
+def test_disabled_by_environment(fresh_loader, monkeypatch):
+    monkeypatch.setattr(kernels, "_compile", lambda *a: pytest.fail("must not build"))
+    monkeypatch.setenv("HF_ATTNRES_KERNELS", "0")
+    assert kernels.get(modeling_attnres.FUSED_ABI) is None and not kernels._tried
+
+
+@torch.no_grad()
+def test_loaded_kernels_unused_when_disabled_or_of_another_version(monkeypatch):
+    fused_kernels()
+    assert kernels.get(modeling_attnres.FUSED_ABI + 1) is None  # e.g. a Hub folder's code of another release
+    model = tiny_attnres("block")
+    embeds, layers = model.model.embed_tokens(token_ids(seq=6)), list(model.model.layers)
+    monkeypatch.setenv("HF_ATTNRES_KERNELS", "0")
+    assert type(model.model._source_stack(embeds, layers, False)) is modeling_attnres.SourceStack
+
+
+def test_build_kernels_cli_reports_the_build(capsys):
+    from hf_attnres.cli import main
+
+    fused_kernels()
+    assert main(["build-kernels"]) == 0
+    assert str(kernels.build_directory()) in capsys.readouterr().out
+    assert (kernels.build_directory() / "hf_attnres_kernels.so").is_file()
