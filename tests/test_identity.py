@@ -22,7 +22,8 @@ def max_logit_diff(a, b, ids):
 @pytest.mark.parametrize("embed_std", [None, 1e-3], ids=["default-embeddings", "small-embeddings"])
 @pytest.mark.parametrize("seq", [11, 40], ids=["decoding-sized", "prefill-sized"])  # 22 or 80 tokens
 def test_zero_queries_equal_llama(mode, eps, embed_std, seq):
-    """Both input sizes: Block AttnRes goes through the source stack at both, Full AttnRes through per-sublayer
+    """Both input sizes: Block AttnRes goes through the fused CPU kernels at the decoding size (they are
+    loaded in the test session) and through the source stack beyond, Full AttnRes through per-sublayer
     stacks (up to 64 tokens) and source by source beyond."""
     llama = tiny_llama(rms_norm_eps=eps, embed_std=embed_std)
     ids = token_ids(seq=seq)
