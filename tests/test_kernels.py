@@ -145,3 +145,23 @@ def test_build_kernels_cli_reports_the_build(capsys):
     assert main(["build-kernels"]) == 0
     assert str(kernels.build_directory()) in capsys.readouterr().out
     assert (kernels.build_directory() / "hf_attnres_kernels.so").is_file()
+
+
+@torch.no_grad()
+def test_unhashable_cache_decodes_without_reuse():
+    """A cache class that defines equality (so is unhashable) still decodes, only without the kept state."""
+    from transformers import DynamicCache
+
+    class ComparableCache(DynamicCache):
+        def __eq__(self, other):
+            return self is other
+
+    fused_kernels()
+    model = tiny_attnres("block", num_hidden_layers=4, attn_res_block_size=2)
+    ids = token_ids(batch=1, seq=5)
+    out = model(input_ids=ids, past_key_values=ComparableCache(config=model.config), use_cache=True)
+    step = model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True).logits
+    with without_fused_kernels():
+        out = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        expected = model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True).logits
+    assert (step - expected).abs().max() < 2e-5

@@ -724,7 +724,10 @@ class AttnResModel(AttnResPreTrainedModel):
         if kernels is None:
             return None
         key = (weakref.ref(self), like.shape, like.dtype, len(layers))
-        kept = _FUSED_STACKS.get(cache) if cache is not None else None
+        try:  # a cache class that cannot be hashed or weakly referenced gets no reuse
+            kept = _FUSED_STACKS.get(cache) if cache is not None else None
+        except TypeError:
+            kept, cache = None, None
         if kept is not None and kept[0] == key and cache.get_seq_length() > 0:
             return kept[1]
         params = query_parameters(_attn_residuals(layers) + [self.final_res])
