@@ -4,11 +4,11 @@ Defaults are SmolLM2-135M's dimensions (30 layers, hidden 576, 9/3 heads, interm
 with random weights, CPU fp32, sdpa, batch 4 x 512. Each metric is timed in its own loop, the models
 interleaved (Llama, block, full, Llama, ...; decoding token by token) so machine noise hits every model alike;
 the reported figure is the median. Block AttnRes decodes on CPU through hf_attnres's fused kernels (built on
-first use; `--kernels off` times the plain torch ops instead). On CPU the timings run with glibc set to reuse freed memory (`--allocator steady`, see
-STEADY_ALLOCATOR_ENV): with its default thresholds, page faults vary tenfold between identical runs and
-swamp the few percent being measured. `--allocator default` times without it. Peak memory of a training
-step is measured in a fresh subprocess per model (weights + activations + gradients + the loss), twice per
-model:
+first use; `--kernels off` times the plain torch ops instead). On CPU the timings run with glibc set to
+reuse freed memory (`--allocator steady`, see STEADY_ALLOCATOR_ENV): with its default thresholds, page
+faults vary tenfold between identical runs and swamp the few percent being measured. `--allocator default`
+times without it. Peak memory of a training step is measured in a fresh subprocess per model (weights +
+activations + gradients + the loss), twice per model:
 
 - `peak_mem`: peak resident memory with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), so every
   tensor's memory goes back to the OS when freed and the peak is what the step really holds at once, the

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+from unittest import mock
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,17 +71,11 @@ def token_ids(batch: int = 2, seq: int = 11, seed: int = 0, vocab: int = TINY["v
     return torch.randint(3, vocab, (batch, seq), generator=g)
 
 
-@contextlib.contextmanager
 def without_fused_kernels():
     """The modeling code as a Hub folder runs it where hf_attnres is not installed: plain torch ops only."""
     from hf_attnres.modeling import modeling_attnres
 
-    saved = modeling_attnres._fused_kernels
-    modeling_attnres._fused_kernels = lambda: None
-    try:
-        yield
-    finally:
-        modeling_attnres._fused_kernels = saved
+    return mock.patch.object(modeling_attnres, "_fused_kernels", lambda: None)
 
 
 def fused_kernels():

@@ -29,7 +29,7 @@ def decode(model, ids: torch.Tensor, steps: int, change_at: int | None = None) -
 
 
 @torch.no_grad()
-def test_fused_decoding_equals_plain_torch_and_reuses_its_state():
+def test_fused_decoding_equals_plain_torch_and_reuses_its_state(monkeypatch):
     fused_kernels()
     model = tiny_attnres("block", num_hidden_layers=5, attn_res_block_size=4)
     ids = token_ids(batch=2, seq=7)
@@ -37,11 +37,9 @@ def test_fused_decoding_equals_plain_torch_and_reuses_its_state():
         expected = decode(model, ids, 6)
     kept = []
     create = modeling_attnres.FusedSourceStack.create
-    modeling_attnres.FusedSourceStack.create = classmethod(lambda cls, *a: kept.append(create(*a)) or kept[-1])
-    try:
-        got = decode(model, ids, 6)
-    finally:
-        modeling_attnres.FusedSourceStack.create = create
+    monkeypatch.setattr(modeling_attnres.FusedSourceStack, "create",
+                        classmethod(lambda cls, *a: kept.append(create(*a)) or kept[-1]))
+    got = decode(model, ids, 6)
     # the same logits, within fp32 rounding of two summation orders (the logits are O(1))
     assert max((g - e).abs().max().item() for g, e in zip(got, expected)) < 2e-5
     # one stack for the 7-token prompt, one for all six single-token steps of the same generation

@@ -43,7 +43,8 @@ def enabled() -> bool:
 
 def build_directory() -> Path:
     """Where the library for this torch version and kernel source lives: a new source or torch gets its own."""
-    root = Path(os.environ.get("HF_ATTNRES_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hf_attnres")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = Path(os.environ.get("HF_ATTNRES_CACHE") or cache / "hf_attnres")
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     return root / "kernels" / f"torch-{torch.__version__}-{python}-{digest}"
@@ -114,7 +115,7 @@ def get(abi: int) -> ModuleType | None:
     or None: disabled, unavailable, or another version (e.g. a Hub folder's modeling code of another release)."""
     if not enabled():
         return None
-    module = _module if _module is not None else load()
+    module = load()
     return module if module is not None and module.ABI == abi else None
 
 

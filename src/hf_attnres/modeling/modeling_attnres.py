@@ -707,11 +707,16 @@ class AttnResModel(AttnResPreTrainedModel):
             stack = self._fused_stack(inputs_embeds, layers, past_key_values)
             if stack is not None:
                 return stack
-        params = query_parameters(_attn_residuals(layers) + [self.final_res])
+        params = self._stack_parameters(layers)
         if not _materialised(params, inputs_embeds):
             return None
         queries = effective_queries(params, torch.promote_types(inputs_embeds.dtype, torch.float32))
         return SourceStack(inputs_embeds, queries, size, self.final_res.key_norm.variance_epsilon)
+
+    def _stack_parameters(self, layers: list[AttnResDecoderLayer]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """`query_parameters` of every query column of a source stack: the layers' sublayers, then the final
+        aggregation."""
+        return query_parameters(_attn_residuals(layers) + [self.final_res])
 
     def _fused_stack(self, like: torch.Tensor, layers: list[AttnResDecoderLayer], cache: Cache | None):
         """A `FusedSourceStack`, or None where the kernels or the parameters do not allow one.
@@ -730,9 +735,8 @@ class AttnResModel(AttnResPreTrainedModel):
             kept, cache = None, None
         if kept is not None and kept[0] == key and cache.get_seq_length() > 0:
             return kept[1]
-        params = query_parameters(_attn_residuals(layers) + [self.final_res])
-        stack = FusedSourceStack.create(kernels, like, params, self.config.sublayers_per_block,
-                                        self.final_res.key_norm.variance_epsilon)
+        stack = FusedSourceStack.create(kernels, like, self._stack_parameters(layers),
+                                        self.config.sublayers_per_block, self.final_res.key_norm.variance_epsilon)
         if cache is not None and stack is not None and stack.decoder.reads_parameters:
             _FUSED_STACKS[cache] = (key, stack)
         return stack
