@@ -3,7 +3,7 @@
 Defaults are SmolLM2-135M's dimensions (30 layers, hidden 576, 9/3 heads, intermediate 1536, vocab 49152)
 with random weights, CPU fp32, sdpa, batch 4 x 512. Each metric is timed in its own loop, the models
 interleaved (Llama, block, full, Llama, ...; decoding token by token) so machine noise hits every model alike;
-the reported figure is the median. Block AttnRes decodes on CPU through hf_attnres's fused kernels (built on
+the reported figure is the median. Block AttnRes runs on CPU through hf_attnres's fused kernels (built on
 first use; `--kernels off` times the plain torch ops instead). On CPU the timings run with glibc set to
 reuse freed memory (`--allocator steady`, see STEADY_ALLOCATOR_ENV): with its default thresholds, page
 faults vary tenfold between identical runs and swamp the few percent being measured. `--allocator default`
@@ -181,8 +181,8 @@ def main() -> None:
                    help="glibc settings for the CPU timings: 'steady' (default) reuses freed memory without page "
                         "faults, as a caching allocator does; 'default' leaves glibc's dynamic thresholds")
     p.add_argument("--kernels", default="auto", choices=["auto", "off"],
-                   help="hf_attnres's fused CPU decoding kernels: 'auto' (default) builds or loads them; 'off' "
-                        "times Block AttnRes decoding as plain torch ops (HF_ATTNRES_KERNELS=0)")
+                   help="hf_attnres's fused CPU kernels: 'auto' (default) builds or loads them; 'off' "
+                        "times Block AttnRes as plain torch ops (HF_ATTNRES_KERNELS=0)")
     p.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child-peak-mem", help=argparse.SUPPRESS)
@@ -207,7 +207,7 @@ def main() -> None:
     allocator = "" if cuda else f", glibc allocator: {args.allocator}"
     where = torch.cuda.get_device_name(args.device) if cuda else f"{torch.get_num_threads()} CPU threads{allocator}"
     print(f"torch {torch.__version__}, {where}; dims: {args.layers} layers, hidden {args.hidden}, "
-          f"batch {args.batch} x {args.seq}, {args.dtype}, sdpa; fused decoding kernels: {fused}", flush=True)
+          f"batch {args.batch} x {args.seq}, {args.dtype}, sdpa; fused CPU kernels: {fused}", flush=True)
     models = {k: build(k, args) for k in kinds}
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     prompt = ids[:1, :32]

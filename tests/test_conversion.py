@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from _tiny import token_ids
+from _tiny import token_ids, without_fused_kernels
 from hf_attnres import AttnResConfig, AttnResForCausalLM, save_for_hub
 from hf_attnres.cli import main as cli_main
 from hf_attnres.conversion import UnsupportedModelError, convert_checkpoint
@@ -201,7 +201,8 @@ def test_loads_with_trust_remote_code_without_package(conv_tiny_checkpoint, tmp_
         env=env,
         cwd=tmp_path,
     )
-    assert torch.equal(torch.load(tmp_path / "remote.pt"), logits(load_converted(out), ids))
+    with without_fused_kernels():  # the same code path as the remote process (no hf_attnres)
+        assert torch.equal(torch.load(tmp_path / "remote.pt"), logits(load_converted(out), ids))
 
 
 def test_cli_verified_conversion_and_model_card(conv_tiny_checkpoint, tmp_path, capsys):

@@ -78,10 +78,10 @@ CASES = {
 }
 
 
-@pytest.fixture(params=["decoding-sized, fused kernels", "decoding-sized", "prefill-sized",
-                        "decoding-sized, no stack", "prefill-sized, no stack"])
+@pytest.fixture(params=["decoding-sized, fused kernels", "prefill-sized, fused kernels", "decoding-sized",
+                        "prefill-sized", "decoding-sized, no stack", "prefill-sized, no stack"])
 def inference_path(request, monkeypatch):
-    """Every inference code path. Block AttnRes decodes on CPU through hf_attnres's fused kernels
+    """Every inference code path. Block AttnRes runs on CPU through hf_attnres's fused kernels
     (FusedSourceStack) where they are loaded and no depth weights are asked for; otherwise it goes through the
     model's source stack (SourceStack) at both sizes, or, where it has none (parameters sharded or offloaded),
     through each sublayer stacking its own sources (decoding-sized, as Full AttnRes does) or the two-phase
@@ -100,15 +100,27 @@ def inference_path(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["loop", "stacked"])
+@pytest.fixture(params=["fused kernels", "loop", "stacked"])
 def phase1_variant(request, monkeypatch):
-    """Both forms of the two-phase computation's phase 1: the loop (CPU default) and the stacked, batched-matmul
+    """Every form of the two-phase computation under autograd: hf_attnres's fused kernels (the CPU default
+    where they are loaded), and in plain torch the loop (CPU without them) and the stacked, batched-matmul
     form (the CUDA default), forced here on CPU."""
     from hf_attnres.modeling import modeling_attnres
 
     devices = ("cpu", "cuda") if request.param == "stacked" else ()
     monkeypatch.setattr(modeling_attnres, "PHASE1_STACKED_DEVICES", devices)
-    return request.param
+    if request.param != "fused kernels":
+        monkeypatch.setattr(modeling_attnres, "_fused_kernels", lambda: None)
+        yield request.param
+        return
+    fused_kernels()
+    calls = []  # (whether the kernels apply: CPU tensors of fp32, bf16 or fp16; the kernels chosen)
+    choose = modeling_attnres._training_kernels
+    monkeypatch.setattr(modeling_attnres, "_training_kernels", lambda like: calls.append(
+        (like.device.type == "cpu" and like.dtype in modeling_attnres._FUSED_DTYPES, choose(like))) or calls[-1][1])
+    yield request.param
+    # the path under test is the one that ran, wherever it applies (Full AttnRes has no two-phase computation)
+    assert all(used is not None for applies, used in calls if applies)
 
 
 @pytest.mark.parametrize("scale_eps", [False, True], ids=["paper-eps", "scaled-eps"])

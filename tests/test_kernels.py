@@ -1,8 +1,9 @@
-"""hf_attnres's fused CPU decoding kernels (hf_attnres.kernels): their numerics against the plain-torch path
-and the equations, their reuse from one decoding step to the next, and the loader's failure modes.
+"""hf_attnres's fused CPU kernels (hf_attnres.kernels): their numerics against the plain-torch path and the
+equations, on prompts split over threads and in training, their reuse from one decoding step to the next, and
+the loader's failure modes.
 
-The kernels' equations are also checked case by case against the literal transcription in
-test_equations.py (its "decoding-sized, fused kernels" inference path)."""
+The kernels' equations are also checked case by case against the literal transcription in test_equations.py
+(its "fused kernels" inference paths and its "fused kernels" two-phase variant for gradients)."""
 
 import logging
 
@@ -77,8 +78,9 @@ def test_fused_half_precision_within_plain_torch_floor(dtype):
 
 
 @torch.no_grad()
-def test_depth_weights_and_training_do_not_use_the_kernels(monkeypatch):
-    """The kernels return no depth weights and no gradients: those paths keep the plain-torch code."""
+def test_depth_weights_do_not_use_the_kernels_and_autograd_has_no_source_stack(monkeypatch):
+    """The kernels return no depth weights: those keep the plain-torch source stack. Under autograd there is no
+    source stack; the two phases' autograd functions use the kernels themselves (tests below)."""
     fused_kernels()
     model = tiny_attnres("block")
     ids = token_ids(seq=6)
@@ -88,6 +90,61 @@ def test_depth_weights_and_training_do_not_use_the_kernels(monkeypatch):
     assert type(model.model._source_stack(embeds, layers, True)) is modeling_attnres.SourceStack
     with torch.enable_grad():
         assert model.model._source_stack(embeds, layers, False) is None
+
+
+def _routed_model():
+    """A block model whose routing is far from uniform (random queries and key-norm weights)."""
+    model = tiny_attnres("block", num_hidden_layers=5, attn_res_block_size=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "key_norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@torch.no_grad()
+def test_fused_prefill_split_over_threads_equals_plain_torch():
+    """A prompt of more tokens than one thread takes (64) is split over torch's threads: same logits."""
+    fused_kernels()
+    model = _routed_model()
+    ids = token_ids(batch=3, seq=150)
+    with without_fused_kernels():
+        expected = model(ids).logits
+    stack = model.model._source_stack(model.model.embed_tokens(ids), list(model.model.layers), False)
+    assert type(stack) is modeling_attnres.FusedSourceStack
+    # fp32 rounding of two summation orders; the logits are O(1)
+    assert (model(ids).logits - expected).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("tokens", [(2, 9), (3, 150)], ids=["one thread", "split over threads"])
+def test_fused_training_step_equals_plain_torch(tokens):
+    """Loss and every parameter's gradient through the fused phases against the plain-torch autograd
+    functions, with phase 2's products handed down to phase 1's backward as there."""
+    fused_kernels()
+    model = _routed_model()
+    ids = token_ids(*tokens)
+
+    def step(kernels: bool):
+        model.zero_grad()
+        if kernels:
+            loss = model(ids, labels=ids).loss
+        else:
+            with without_fused_kernels():
+                loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    calls = []
+    fused = modeling_attnres._training_kernels
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modeling_attnres, "_training_kernels", lambda like: calls.append(fused(like)) or calls[-1])
+        loss, grads = step(True)
+    assert calls and all(c is not None for c in calls)
+    expected_loss, expected = step(False)
+    assert (loss - expected_loss).abs() < 1e-5
+    for name, e in expected.items():
+        # fp32, different summation orders: relative to the gradient's scale, as against the equations
+        assert (grads[name] - e).abs().max() <= 1e-4 * e.abs().max() + 1e-6, name
 
 
 @pytest.fixture

@@ -1,14 +1,16 @@
-"""Fused CPU kernels for Block AttnRes decoding (a compiled Python module; source: `depth_attention.cpp`).
+"""Fused CPU kernels for Block AttnRes (a compiled Python module; source: `depth_attention.cpp`).
 
-Decoding runs the depth attention once per sublayer on a single token, where every PyTorch op's fixed cost
-is the whole cost; the kernels do each block's phase 1 and each sublayer's phase 2 in one call. The modeling
-code (also a Hub folder's copy of it, once this package is imported) asks `get()` for them on CPU inference on
-decoding-sized inputs without depth weights, and otherwise runs the same equations as plain torch ops, so a
-Hub folder needs none of this.
+The kernels do each block's phase 1 and each sublayer's phase 2 in one call, forward and backward. Decoding
+runs the depth attention once per sublayer on a single token, where every PyTorch op's fixed cost is the whole
+cost; on a prompt or a training batch the cost is memory traffic, and the kernels read each token's rows once
+per call where the plain ops read every tensor once per op. The modeling code (also a Hub folder's copy of it,
+once this package is imported) asks `get()` for them on CPU (inference without depth weights, and the two
+phases' autograd functions), and otherwise runs the same equations as plain torch ops, so a Hub folder needs
+none of this.
 
-Built once per torch version with the system's C++ compiler (about a minute, through
+Built once per torch version with the system's C++ compiler (under a minute, through
 `torch.utils.cpp_extension` and ninja) into `~/.cache/hf_attnres/kernels` (`HF_ATTNRES_CACHE`), the first
-time a model of this package decodes on CPU, or ahead of time with `hf-attnres build-kernels`. Set
+time a Block AttnRes model of this package runs on CPU, or ahead of time with `hf-attnres build-kernels`. Set
 `HF_ATTNRES_KERNELS=0` to never build or use them.
 """
 
@@ -30,7 +32,12 @@ logger = logging.get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("depth_attention.cpp")
 LIBRARY = "hf_attnres_kernels"
-CFLAGS = ["-O3", "-fopenmp-simd"]
+# With torch's own OpenMP (Linux wheels), the kernels split a prompt's tokens over torch's intra-op threads
+# (at::parallel_for): the module then needs libgomp.so.1, which resolves to the copy torch has already loaded,
+# so both share one thread pool. Elsewhere they run on the calling thread.
+OPENMP = bool(getattr(torch._C, "has_openmp", False))
+CFLAGS = ["-O3", "-fopenmp" if OPENMP else "-fopenmp-simd"]
+LDFLAGS = ["-fopenmp"] if OPENMP else []
 
 _module: ModuleType | None = None
 _tried = False  # whether `load()` ran in this process: a failed build is not retried
@@ -60,7 +67,8 @@ def _compile(directory: Path, verbose: bool) -> ModuleType:
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     except ImportError:
         pass
-    return jit_load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(directory),
+    return jit_load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                    build_directory=str(directory),
                     verbose=verbose)
 
 
@@ -90,7 +98,7 @@ def load(build: bool = True, verbose: bool = False) -> ModuleType | None:
         if library.is_file():
             _module = _import(library)
         else:
-            logger.warning(f"hf_attnres: building the fused CPU kernels for Block AttnRes decoding (once per torch "
+            logger.warning(f"hf_attnres: building the fused CPU kernels for Block AttnRes (once per torch "
                            f"version, under a minute) into {directory}; HF_ATTNRES_KERNELS=0 skips them.")
             directory.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
@@ -105,7 +113,7 @@ def load(build: bool = True, verbose: bool = False) -> ModuleType | None:
     except Exception as error:  # no compiler, no ninja, a failed build: run without the kernels
         last = str(error).strip().splitlines()[-1:] or [""]
         logger.warning(f"hf_attnres: the fused CPU kernels are unavailable ({type(error).__name__}: {last[0]}); "
-                       f"Block AttnRes decoding on CPU runs as plain torch ops, about 10% slower. `hf-attnres "
+                       f"Block AttnRes on CPU runs as plain torch ops, 5-15% slower. `hf-attnres "
                        f"build-kernels --verbose` shows the build.")
     return _module
 

@@ -1,10 +1,13 @@
-// Fused CPU kernels for Block AttnRes inference on decoding-sized inputs (a handful of tokens).
+// Fused CPU kernels for Block AttnRes inference: decoding and prefill.
 //
 // The equations are those of SourceStack in modeling_attnres.py (spec §5, the two-phase computation); only the
 // cost differs. Decoding a token runs the depth attention once per sublayer on one token, where each PyTorch
 // op's fixed cost is the whole cost: the eager form takes six ops per sublayer and about twenty per block,
 // this one call each. Between two calls the decoder's weights stream through the caches, so the kernels also
 // read as little as they can: each pseudo-query and key-norm weight once per token, nothing precomputed.
+// On a prompt the cost is memory traffic instead: the kernels go token by token (threads split the tokens),
+// so each token's sources are read from memory once per block and its partial sum once per sublayer, every
+// further pass over them hitting the L1 cache; the eager form reads each tensor once per op.
 //
 // Per query column k (every sublayer, then the final aggregation) the effective query is
 //     q_k = w_k * gamma_k * sqrt(d),   so that   w_k . RMSNorm(v) = q_k . v / sqrt(|v|^2 + d eps),
@@ -16,34 +19,111 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 // Bump with any change of the interface or its meaning: the modeling code asks for the version it knows.
-constexpr int ABI = 1;
+constexpr int ABI = 2;
 
 namespace {
 
-template <typename scalar_t>
-inline float dot(const scalar_t* x, const float* q, int64_t d) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < d; ++j) acc += static_cast<float>(x[j]) * q[j];
-  return acc;
+// Tokens per thread below which a call stays on the calling thread (decoding: one token, or a short prompt)
+constexpr int64_t kGrain = 64;
+
+// The row loops below are built for three instruction sets where the compiler can (GCC 11+ on x86-64 Linux),
+// and the loader picks the widest the CPU runs: AVX-512, AVX2 with FMA, or SSE2. One build then serves every
+// x86-64 CPU, as the build cache may be shared between machines; SSE2 alone made a prompt's phase 1 slower
+// than the eager form's vectorised torch ops.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+constexpr int64_t kLanes = 16, kQueries = 8;
+
+// out[k] = x . rows[k] for K >= 1 rows; returns |x|^2. One pass over x per 8 rows, each product summed in 16
+// lanes of its own: a single running sum would make every add wait for the one before it.
+VECTOR_CLONES float dots(const float* x, const float* const* rows, int64_t K, int64_t d, float* out) {
+  const int64_t body = d - d % kLanes;
+  float square[kLanes] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += kQueries) {
+    const int64_t kn = std::min(kQueries, K - k0);
+    float acc[kQueries][kLanes] = {};
+    for (int64_t j = 0; j < body; j += kLanes) {
+      const float* xj = x + j;
+      if (k0 == 0) {
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) square[l] += xj[l] * xj[l];
+      }
+      for (int64_t k = 0; k < kn; ++k) {
+        const float* qj = rows[k0 + k] + j;
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) acc[k][l] += xj[l] * qj[l];
+      }
+    }
+    for (int64_t k = 0; k < kn; ++k) {
+      float sum = 0.f;
+      for (int64_t l = 0; l < kLanes; ++l) sum += acc[k][l];
+      for (int64_t j = body; j < d; ++j) sum += x[j] * rows[k0 + k][j];
+      out[k0 + k] = sum;
+    }
+  }
+  float sum = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) sum += square[l];
+  for (int64_t j = body; j < d; ++j) sum += x[j] * x[j];
+  return sum;
 }
 
-// sqrt(|x|^2 + d eps) = sqrt(d) rms_eps(x)
+// h = a x (accumulate: h += a x)
+VECTOR_CLONES void axpy(float* h, float a, const float* x, int64_t d, bool accumulate) {
+  if (accumulate) {
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) h[j] += a * x[j];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) h[j] = a * x[j];
+  }
+}
+
+// o = x + w (m - x)
+VECTOR_CLONES void lerp(float* o, const float* x, const float* m, float w, int64_t d) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) o[j] = x[j] + w * (m[j] - x[j]);
+}
+
+// A row as fp32: itself if it is, else converted into `scratch`.
 template <typename scalar_t>
-inline float scaled_rms(const scalar_t* x, int64_t d, float floor2) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < d; ++j) acc += static_cast<float>(x[j]) * static_cast<float>(x[j]);
-  return std::sqrt(acc + floor2);
+inline const float* as_float(const scalar_t* x, int64_t d, float* scratch) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return x;
+  } else {
+    for (int64_t j = 0; j < d; ++j) scratch[j] = static_cast<float>(x[j]);
+    return scratch;
+  }
+}
+
+// Where to compute a result row that goes to `out`: there if it is fp32, else in `scratch` (then `store`).
+template <typename scalar_t>
+inline float* float_row(scalar_t* out, float* scratch) {
+  if constexpr (std::is_same_v<scalar_t, float>)
+    return out;
+  else
+    return scratch;
+}
+
+template <typename scalar_t>
+inline void store(scalar_t* out, const float* row, int64_t d) {
+  if constexpr (!std::is_same_v<scalar_t, float>)
+    for (int64_t j = 0; j < d; ++j) out[j] = static_cast<scalar_t>(row[j]);
 }
 
 // Ask for every cache line of [p, p + bytes) at once. Between two calls the decoder's weights have streamed
@@ -83,8 +163,8 @@ class Decoder {
           double eps)
       : w_(std::move(w)), gamma_(std::move(gamma)), T_(tokens), d_(d), S_(block_size),
         floor2_(static_cast<float>(d * eps)), scale_(static_cast<float>(std::sqrt(static_cast<double>(d)))),
-        mixed_(static_cast<size_t>(tokens * block_size * d)), lse_(static_cast<size_t>(tokens * block_size)),
-        q_(static_cast<size_t>(d)) {}
+        mixed_(at::detail::empty_cpu({tokens, block_size, d}, at::kFloat)),
+        lse_(at::detail::empty_cpu({tokens, block_size}, at::kFloat)), q_(static_cast<size_t>(d)) {}
 
   // nullptr (None) where a parameter is not plain: the caller takes the eager path, which has its own checks.
   static std::unique_ptr<Decoder> create(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& gamma,
@@ -149,78 +229,383 @@ class Decoder {
     prefetch(gamma_[column].const_data_ptr<float>(), d_ * sizeof(float));
   }
 
-  // q_column into q_ (read once per call: the parameters are cold by then)
-  const float* query(int64_t column) {
+  // q_column into q (read once per call: the parameters are cold by then)
+  void query(int64_t column, float* q) const {
     const float* w = w_[column].const_data_ptr<float>();
     const float* g = gamma_[column].const_data_ptr<float>();
-    float* q = q_.data();
 #pragma omp simd
     for (int64_t j = 0; j < d_; ++j) q[j] = w[j] * g[j] * scale_;  // (w * gamma) * sqrt(d), as SourceStack
-    return q;
   }
+
+  // Whether a call on T tokens is decoding-sized: then it asks for its memory up front (see `prefetch`); a
+  // prompt's loop over the tokens streams through it instead.
+  bool small() const { return T_ <= kGrain; }
 
   // (out of the dispatch macro's lambda: a macro argument cannot hold the simd pragmas)
   template <typename scalar_t>
   void phase1_impl(const std::vector<at::Tensor>& values, int64_t first, int64_t last, scalar_t* out) {
-    const int64_t n = static_cast<int64_t>(values.size()), T = T_, d = d_, S = S_;
+    const int64_t n = static_cast<int64_t>(values.size()), K = last - first, d = d_, S = S_;
     std::vector<const scalar_t*> v(n);
-    std::vector<float> inv_rms(n * T), logits(n), row(d);
-    for (int64_t k = first; k < last; ++k) prefetch_query(k);
-    for (int64_t i = 0; i < n; ++i) prefetch(values[i].const_data_ptr(), T * d * sizeof(scalar_t));
-    prefetch(mixed_.data(), mixed_.size() * sizeof(float), true);
-    for (int64_t i = 0; i < n; ++i) {
-      v[i] = values[i].const_data_ptr<scalar_t>();
-      for (int64_t t = 0; t < T; ++t) inv_rms[i * T + t] = 1.f / scaled_rms(v[i] + t * d, d, floor2_);
+    for (int64_t i = 0; i < n; ++i) v[i] = values[i].const_data_ptr<scalar_t>();
+    if (small()) {
+      for (int64_t k = first; k < last; ++k) prefetch_query(k);
+      for (int64_t i = 0; i < n; ++i) prefetch(v[i], T_ * d * sizeof(scalar_t));
+      prefetch(mixed_.data_ptr<float>(), T_ * S * d * sizeof(float), true);
     }
-    for (int64_t k = first; k < last; ++k) {
-      const float* q = query(k);
-      for (int64_t t = 0; t < T; ++t) {
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < n; ++i) m = std::max(m, logits[i] = dot(v[i] + t * d, q, d) * inv_rms[i * T + t]);
-        float sum = 0.f;
-        for (int64_t i = 0; i < n; ++i) sum += (logits[i] = std::exp(logits[i] - m));
-        lse_[t * S + (k - first)] = m + std::log(sum);
-        float* h = k == first ? row.data() : mixed_.data() + (t * S + (k - first)) * d;
-        std::fill(h, h + d, 0.f);
+    std::vector<float> q(K * d);
+    std::vector<const float*> rows(K);
+    for (int64_t k = 0; k < K; ++k) {
+      query(first + k, q.data() + k * d);
+      rows[k] = q.data() + k * d;
+    }
+    float* mixed = mixed_.data_ptr<float>();
+    float* lse = lse_.data_ptr<float>();
+    at::parallel_for(0, T_, kGrain, [&](int64_t begin, int64_t end) {
+      // a: the logits, then the softmax weights alpha_{i -> k}; x: the token's sources as fp32
+      std::vector<float> a(n * K), scratch((n + 1) * d);
+      std::vector<const float*> x(n);
+      for (int64_t t = begin; t < end; ++t) {
         for (int64_t i = 0; i < n; ++i) {
-          const float a = logits[i] / sum;
-          const scalar_t* x = v[i] + t * d;
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) h[j] += a * static_cast<float>(x[j]);
+          x[i] = as_float(v[i] + t * d, d, scratch.data() + i * d);
+          const float inv_rms = 1.f / std::sqrt(dots(x[i], rows.data(), K, d, a.data() + i * K) + floor2_);
+          for (int64_t k = 0; k < K; ++k) a[i * K + k] *= inv_rms;
         }
-        if (k == first)
-          for (int64_t j = 0; j < d; ++j) out[t * d + j] = static_cast<scalar_t>(row[j]);
+        for (int64_t k = 0; k < K; ++k) {
+          float m = -std::numeric_limits<float>::infinity(), sum = 0.f;
+          for (int64_t i = 0; i < n; ++i) m = std::max(m, a[i * K + k]);
+          for (int64_t i = 0; i < n; ++i) sum += (a[i * K + k] = std::exp(a[i * K + k] - m));
+          lse[t * S + k] = m + std::log(sum);
+          for (int64_t i = 0; i < n; ++i) a[i * K + k] /= sum;
+        }
+        for (int64_t k = 0; k < K; ++k) {  // column 0 goes to `out`, the others stay for phase 2
+          float* h = k == 0 ? float_row(out + t * d, scratch.data() + n * d) : mixed + (t * S + k) * d;
+          for (int64_t i = 0; i < n; ++i) axpy(h, a[i * K + k], x[i], d, i > 0);
+        }
+        store(out + t * d, scratch.data() + n * d, d);
       }
-    }
+    });
   }
 
   template <typename scalar_t>
   void phase2_impl(const scalar_t* p, int64_t column, int64_t s, scalar_t* out) {
     const int64_t d = d_, S = S_;
-    prefetch_query(column);
-    for (int64_t t = 0; t < T_; ++t) prefetch(mixed_.data() + (t * S + s) * d, d * sizeof(float));
-    prefetch(p, T_ * d * sizeof(scalar_t));
-    const float* q = query(column);
-    for (int64_t t = 0; t < T_; ++t) {
-      const scalar_t* x = p + t * d;
-      const float* m = mixed_.data() + (t * S + s) * d;
-      const float logit = dot(x, q, d) / scaled_rms(x, d, floor2_);
-      const float rest = 1.f / (1.f + std::exp(logit - lse_[t * S + s]));
-      scalar_t* o = out + t * d;
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) {
-        const float xj = static_cast<float>(x[j]);
-        o[j] = static_cast<scalar_t>(xj + rest * (m[j] - xj));
-      }
+    const float* mixed = mixed_.data_ptr<float>();
+    const float* lse = lse_.data_ptr<float>();
+    if (small()) {
+      prefetch_query(column);
+      for (int64_t t = 0; t < T_; ++t) prefetch(mixed + (t * S + s) * d, d * sizeof(float));
+      prefetch(p, T_ * d * sizeof(scalar_t));
     }
+    query(column, q_.data());
+    const float* q = q_.data();
+    at::parallel_for(0, T_, kGrain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(2 * d);
+      for (int64_t t = begin; t < end; ++t) {
+        const float* x = as_float(p + t * d, d, scratch.data());
+        float dot;
+        const float square = dots(x, &q, 1, d, &dot);
+        const float logit = dot / std::sqrt(square + floor2_);
+        const float rest = 1.f / (1.f + std::exp(logit - lse[t * S + s]));
+        lerp(float_row(out + t * d, scratch.data() + d), x, mixed + (t * S + s) * d, rest, d);
+        store(out + t * d, scratch.data() + d, d);
+      }
+    });
   }
 
   std::vector<at::Tensor> w_, gamma_;  // fp32, per query column
   int64_t T_, d_, S_;
   float floor2_, scale_;
-  std::vector<float> mixed_, lse_, q_;
+  at::Tensor mixed_, lse_;  // phase 1's results for the block: [T, S, d], [T, S] (column k at [:, k - first])
+  std::vector<float> q_;
   bool reads_parameters_ = false;
 };
+
+
+// ------------------------------------------------------------------------------------------------------------
+// Training on CPU: the forward and backward of _Phase1 and _Phase2 in modeling_attnres.py, the same equations
+// and the same saved tensors, token by token. The eager form passes over every [tokens, d] tensor once per op
+// (S x n multiply-adds to mix a block, n + 1 products per sublayer in phase 2's backward, ...); here each
+// token's rows are read from memory once per call and the rest of the work hits the L1 cache. Conventions as
+// there: q_j = w_j * gamma_j (not scaled), inv_rms = 1 / sqrt(|v|^2 / d + eps), logits = (q_j . v) inv_rms.
+// ------------------------------------------------------------------------------------------------------------
+
+std::vector<at::Tensor> contiguous(const std::vector<at::Tensor>& tensors, int64_t numel) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == tensors[0].scalar_type() && t.numel() == numel,
+                "hf_attnres kernels: tensors of one dtype on the CPU with ", numel, " elements each");
+    out.push_back(t.contiguous());
+  }
+  return out;
+}
+
+// The rows q_j (contiguous [S, d]) of queries [d, S]
+at::Tensor query_rows(const at::Tensor& queries) {
+  TORCH_CHECK(queries.dim() == 2 && queries.scalar_type() == at::kFloat && queries.device().is_cpu(),
+              "hf_attnres kernels: fp32 CPU queries [d, S]");
+  return queries.t().contiguous();
+}
+
+template <typename T>
+std::vector<T*> pointers(const std::vector<at::Tensor>& tensors) {
+  std::vector<T*> out;
+  for (const auto& t : tensors) out.push_back(static_cast<T*>(t.data_ptr()));
+  return out;
+}
+
+// Per-thread accumulators for a gradient summed over tokens ([threads, size]), and their sum.
+struct ThreadSums {
+  at::Tensor sums;
+  explicit ThreadSums(int64_t size) : sums(at::zeros({at::get_num_threads(), size}, at::kFloat)) {}
+  float* mine() { return sums.data_ptr<float>() + at::get_thread_num() * sums.size(1); }
+  at::Tensor total() { return sums.sum(0); }
+};
+
+// Phase 1 forward: (mixed_0, ..., mixed_{S-1}, lse [.., S], weights [.., n, S], dot [.., n, S], inv_rms [.., n, 1])
+template <typename scalar_t>
+void train_phase1_impl(const float* const* q, int64_t S, double eps, const std::vector<const scalar_t*>& v, int64_t T,
+                       int64_t d, const std::vector<float*>& mixed, float* lse, float* weights, float* dot,
+                       float* inv_rms) {
+  const int64_t n = static_cast<int64_t>(v.size());
+  at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(n * d);
+    std::vector<const float*> x(n);
+    for (int64_t t = begin; t < end; ++t) {
+      float* w = weights + t * n * S;  // logits, then the softmax over the sources
+      for (int64_t i = 0; i < n; ++i) {
+        x[i] = as_float(v[i] + t * d, d, scratch.data() + i * d);
+        float* dt = dot + (t * n + i) * S;
+        const float r = 1.f / std::sqrt(dots(x[i], q, S, d, dt) / d + static_cast<float>(eps));
+        inv_rms[t * n + i] = r;
+        for (int64_t j = 0; j < S; ++j) w[i * S + j] = dt[j] * r;
+      }
+      for (int64_t j = 0; j < S; ++j) {
+        float m = -std::numeric_limits<float>::infinity(), sum = 0.f;
+        for (int64_t i = 0; i < n; ++i) m = std::max(m, w[i * S + j]);
+        for (int64_t i = 0; i < n; ++i) sum += std::exp(w[i * S + j] - m);
+        const float l = m + std::log(sum);
+        lse[t * S + j] = l;
+        for (int64_t i = 0; i < n; ++i) w[i * S + j] = std::exp(w[i * S + j] - l);
+        for (int64_t i = 0; i < n; ++i) axpy(mixed[j] + t * d, w[i * S + j], x[i], d, i > 0);
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> train_phase1(const at::Tensor& queries, double eps, const std::vector<at::Tensor>& sources) {
+  const int64_t d = sources.at(0).size(-1), T = sources[0].numel() / d, n = static_cast<int64_t>(sources.size());
+  const auto values = contiguous(sources, T * d);
+  const auto qrows = query_rows(queries);
+  const int64_t S = qrows.size(0);
+  TORCH_CHECK(qrows.size(1) == d, "hf_attnres kernels: queries of size ", d);
+  std::vector<const float*> q;
+  for (int64_t j = 0; j < S; ++j) q.push_back(qrows.const_data_ptr<float>() + j * d);
+  const auto lead = sources[0].sizes().slice(0, sources[0].dim() - 1);
+  auto shape = [&](std::vector<int64_t> tail) {
+    std::vector<int64_t> out(lead.begin(), lead.end());
+    out.insert(out.end(), tail.begin(), tail.end());
+    return out;
+  };
+  std::vector<at::Tensor> mixed;
+  for (int64_t j = 0; j < S; ++j) mixed.push_back(at::empty(shape({d}), sources[0].options().dtype(at::kFloat)));
+  auto opts = sources[0].options().dtype(at::kFloat);
+  auto lse = at::empty(shape({S}), opts), weights = at::empty(shape({n, S}), opts);
+  auto dot = at::empty(shape({n, S}), opts), inv_rms = at::empty(shape({n, 1}), opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values[0].scalar_type(), "hf_attnres train_phase1", [&] {
+    train_phase1_impl<scalar_t>(q.data(), S, eps, pointers<const scalar_t>(values), T, d, pointers<float>(mixed),
+                                lse.data_ptr<float>(), weights.data_ptr<float>(), dot.data_ptr<float>(),
+                                inv_rms.data_ptr<float>());
+  });
+  mixed.insert(mixed.end(), {lse, weights, dot, inv_rms});
+  return mixed;
+}
+
+// Phase 1 backward: (grad_queries [d, S], grad of each source in its dtype). merged[j]: phase 2's products
+// <grad_mixed_j, v_i> [.., n] where it handed them down, else undefined (taken here).
+template <typename scalar_t>
+void train_phase1_backward_impl(const float* const* q, int64_t S, const std::vector<const scalar_t*>& v, int64_t T,
+                                int64_t d, const std::vector<const float*>& grad_mixed, const float* grad_lse,
+                                const std::vector<const float*>& merged, const float* weights, const float* dot,
+                                const float* inv_rms, const std::vector<scalar_t*>& grad_v, ThreadSums& grad_q) {
+  const int64_t n = static_cast<int64_t>(v.size());
+  at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch((n + 1) * d), gl(n * S), gw(n), products(S);
+    std::vector<const float*> x(n);
+    float* gq = grad_q.mine();
+    for (int64_t t = begin; t < end; ++t) {
+      const float* w = weights + t * n * S;
+      for (int64_t i = 0; i < n; ++i) x[i] = as_float(v[i] + t * d, d, scratch.data() + i * d);
+      for (int64_t j = 0; j < S; ++j) {  // softmax backward, d lse / d logits = weights
+        const float* g = grad_mixed[j] + t * d;
+        if (merged[j] != nullptr)
+          for (int64_t i = 0; i < n; ++i) gw[i] = merged[j][t * n + i];
+        else
+          for (int64_t i = 0; i < n; ++i) dots(g, &x[i], 1, d, &gw[i]);
+        float mean = 0.f;
+        for (int64_t i = 0; i < n; ++i) mean += w[i * S + j] * gw[i];
+        for (int64_t i = 0; i < n; ++i) gl[i * S + j] = w[i * S + j] * (gw[i] - mean + grad_lse[t * S + j]);
+      }
+      float* out = scratch.data() + n * d;
+      for (int64_t i = 0; i < n; ++i) {
+        const float r = inv_rms[t * n + i];
+        float grad_rms = 0.f;
+        for (int64_t j = 0; j < S; ++j) grad_rms -= gl[i * S + j] * dot[(t * n + i) * S + j];
+        grad_rms *= r * r * r / d;
+        float* gv = float_row(grad_v[i] + t * d, out);
+        axpy(gv, grad_rms, x[i], d, false);
+        for (int64_t j = 0; j < S; ++j) {
+          const float grad_dot = gl[i * S + j] * r;
+          axpy(gv, grad_dot, q[j], d, true);
+          axpy(gv, w[i * S + j], grad_mixed[j] + t * d, d, true);
+          axpy(gq + j * d, grad_dot, x[i], d, true);
+        }
+        store(grad_v[i] + t * d, out, d);
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> train_phase1_backward(const at::Tensor& queries, const std::vector<at::Tensor>& grad_mixed,
+                                              const at::Tensor& grad_lse, const std::vector<std::optional<at::Tensor>>& merged,
+                                              const at::Tensor& weights, const at::Tensor& dot, const at::Tensor& inv_rms,
+                                              const std::vector<at::Tensor>& sources) {
+  const int64_t d = sources.at(0).size(-1), T = sources[0].numel() / d, n = static_cast<int64_t>(sources.size());
+  const auto values = contiguous(sources, T * d);
+  const auto qrows = query_rows(queries);
+  const int64_t S = qrows.size(0);
+  TORCH_CHECK(static_cast<int64_t>(grad_mixed.size()) == S && static_cast<int64_t>(merged.size()) == S &&
+                  grad_mixed[0].scalar_type() == at::kFloat && weights.numel() == T * n * S,
+              "hf_attnres kernels: phase 1 backward with ", S, " fp32 gradients and ", n, " sources");
+  const auto gm = contiguous(grad_mixed, T * d);
+  const auto gl = grad_lse.contiguous(), w = weights.contiguous(), dt = dot.contiguous(), r = inv_rms.contiguous();
+  std::vector<const float*> q, g, m;
+  std::vector<at::Tensor> kept;
+  for (int64_t j = 0; j < S; ++j) {
+    q.push_back(qrows.const_data_ptr<float>() + j * d);
+    g.push_back(gm[j].const_data_ptr<float>());
+    if (merged[j].has_value()) {
+      kept.push_back(merged[j]->to(at::kFloat).contiguous());
+      TORCH_CHECK(kept.back().numel() == T * n, "hf_attnres kernels: phase 2's products for ", n, " sources");
+      m.push_back(kept.back().const_data_ptr<float>());
+    } else {
+      m.push_back(nullptr);
+    }
+  }
+  std::vector<at::Tensor> grads;
+  for (const auto& v : values) grads.push_back(at::empty_like(v));
+  ThreadSums grad_q(S * d);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values[0].scalar_type(), "hf_attnres train_phase1_backward",
+                                  [&] {
+    train_phase1_backward_impl<scalar_t>(q.data(), S, pointers<const scalar_t>(values), T, d, g,
+                                         gl.const_data_ptr<float>(), m, w.const_data_ptr<float>(),
+                                         dt.const_data_ptr<float>(), r.const_data_ptr<float>(),
+                                         pointers<scalar_t>(grads), grad_q);
+  });
+  grads.insert(grads.begin(), grad_q.total().view({S, d}).t());
+  return grads;
+}
+
+// Phase 2 forward: h = lerp(mixed, partial, beta), beta = sigmoid(q . p inv_rms - lse), into `mixed` if `in_place`.
+// Returns (h, beta [..], dot [.., 1], inv_rms [.., 1]).
+template <typename scalar_t>
+void train_phase2_impl(const float* mixed, const scalar_t* p, const float* q, const float* lse, double eps, int64_t T,
+                       int64_t d, float* h, float* beta, float* dot, float* inv_rms) {
+  at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(d);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* x = as_float(p + t * d, d, scratch.data());
+      const float r = 1.f / std::sqrt(dots(x, &q, 1, d, dot + t) / d + static_cast<float>(eps));
+      inv_rms[t] = r;
+      const float b = 1.f / (1.f + std::exp(lse[t] - dot[t] * r));
+      beta[t] = b;
+      lerp(h + t * d, mixed + t * d, x, b, d);
+    }
+  });
+}
+
+std::vector<at::Tensor> train_phase2(const at::Tensor& mixed, const at::Tensor& partial, const at::Tensor& query,
+                                     const at::Tensor& lse, double eps, bool in_place) {
+  const int64_t d = partial.size(-1), T = partial.numel() / d;
+  TORCH_CHECK(mixed.scalar_type() == at::kFloat && mixed.numel() == T * d && query.numel() == d &&
+                  query.scalar_type() == at::kFloat && lse.numel() == T && (!in_place || mixed.is_contiguous()),
+              "hf_attnres kernels: phase 2 on fp32 phase-1 results of ", T, " x ", d);
+  const auto p = partial.contiguous(), m = mixed.contiguous(), q = query.contiguous(), l = lse.to(at::kFloat).contiguous();
+  auto h = in_place ? mixed : at::empty_like(m);
+  auto opts = m.options();
+  auto lead = partial.sizes().slice(0, partial.dim() - 1);
+  auto beta = at::empty(lead, opts);
+  std::vector<int64_t> col(lead.begin(), lead.end());
+  col.push_back(1);
+  auto dot = at::empty(col, opts), inv_rms = at::empty(col, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "hf_attnres train_phase2", [&] {
+    train_phase2_impl<scalar_t>(m.const_data_ptr<float>(), p.const_data_ptr<scalar_t>(), q.const_data_ptr<float>(),
+                                l.const_data_ptr<float>(), eps, T, d, h.data_ptr<float>(), beta.data_ptr<float>(),
+                                dot.data_ptr<float>(), inv_rms.data_ptr<float>());
+  });
+  return {h, beta, dot, inv_rms};
+}
+
+// Phase 2 backward: (grad_mixed, phase 1's products <grad_mixed, v_i> [.., n], grad_partial in its dtype,
+// grad_query [d], grad_lse [..]). <grad, mixed> = sum_i weights_i <grad, v_i>: mixed itself is not kept.
+template <typename scalar_t>
+void train_phase2_backward_impl(const float* grad, const scalar_t* p, const float* q, const float* dot,
+                                const float* inv_rms, const float* beta, const float* weights,
+                                const std::vector<const scalar_t*>& v, int64_t T, int64_t d, float* grad_mixed,
+                                float* merge, scalar_t* grad_p, float* grad_lse, ThreadSums& grad_q) {
+  const int64_t n = static_cast<int64_t>(v.size());
+  at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch((n + 2) * d), products(n + 1);
+    std::vector<const float*> rows(n + 1);
+    float* gq = grad_q.mine();
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = grad + t * d;
+      rows[0] = as_float(p + t * d, d, scratch.data());
+      for (int64_t i = 0; i < n; ++i) rows[i + 1] = as_float(v[i] + t * d, d, scratch.data() + (i + 1) * d);
+      dots(g, rows.data(), n + 1, d, products.data());
+      const float b = beta[t], r = inv_rms[t];
+      float mixed_product = 0.f;
+      for (int64_t i = 0; i < n; ++i) mixed_product += weights[t * n + i] * products[i + 1];
+      const float grad_logit = (products[0] - mixed_product) * b * (1.f - b);
+      grad_lse[t] = -grad_logit;
+      for (int64_t i = 0; i < n; ++i) merge[t * n + i] = products[i + 1] * (1.f - b);
+      const float grad_dot = grad_logit * r, grad_rms = -grad_logit * dot[t] * r * r * r / d;
+      float* gp = float_row(grad_p + t * d, scratch.data() + (n + 1) * d);
+      const float* x = rows[0];
+      float* gm = grad_mixed + t * d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) {
+        gp[j] = grad_dot * q[j] + grad_rms * x[j] + b * g[j];
+        gm[j] = (1.f - b) * g[j];
+      }
+      store(grad_p + t * d, gp, d);
+      axpy(gq, grad_dot, x, d, true);
+    }
+  });
+}
+
+std::vector<at::Tensor> train_phase2_backward(const at::Tensor& grad, const at::Tensor& partial, const at::Tensor& query,
+                                              const at::Tensor& dot, const at::Tensor& inv_rms, const at::Tensor& beta,
+                                              const at::Tensor& weights, const std::vector<at::Tensor>& sources) {
+  const int64_t d = partial.size(-1), T = partial.numel() / d, n = static_cast<int64_t>(sources.size());
+  TORCH_CHECK(grad.numel() == T * d && query.numel() == d && weights.numel() == T * n && n >= 1,
+              "hf_attnres kernels: phase 2 backward of ", T, " x ", d, " over ", n, " sources");
+  const auto g = grad.to(at::kFloat).contiguous(), p = partial.contiguous(), q = query.contiguous();
+  const auto dt = dot.contiguous(), r = inv_rms.contiguous(), b = beta.contiguous(), w = weights.contiguous();
+  const auto values = contiguous(sources, T * d);
+  TORCH_CHECK(values[0].scalar_type() == p.scalar_type(), "hf_attnres kernels: sources and partial sum of one dtype");
+  auto grad_mixed = at::empty_like(g), grad_p = at::empty_like(p);
+  auto merge = at::empty(w.sizes(), w.options()), grad_lse = at::empty(b.sizes(), b.options());
+  ThreadSums grad_q(d);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "hf_attnres train_phase2_backward", [&] {
+    train_phase2_backward_impl<scalar_t>(g.const_data_ptr<float>(), p.const_data_ptr<scalar_t>(),
+                                         q.const_data_ptr<float>(), dt.const_data_ptr<float>(),
+                                         r.const_data_ptr<float>(), b.const_data_ptr<float>(),
+                                         w.const_data_ptr<float>(), pointers<const scalar_t>(values), T, d,
+                                         grad_mixed.data_ptr<float>(), merge.data_ptr<float>(),
+                                         grad_p.data_ptr<scalar_t>(), grad_lse.data_ptr<float>(), grad_q);
+  });
+  return {grad_mixed, merge, grad_p, grad_q.total(), grad_lse};
+}
 
 }  // namespace
 
@@ -232,4 +617,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("reads_parameters", &Decoder::reads_parameters)
       .def("phase1", &Decoder::phase1, "Phase 1 for query columns [first, last)")
       .def("phase2", &Decoder::phase2, "Phase 2 for a block's s-th sublayer, query column `column`");
+  m.def("train_phase1", &train_phase1, "_Phase1.forward (see the source)");
+  m.def("train_phase1_backward", &train_phase1_backward, "_Phase1.backward");
+  m.def("train_phase2", &train_phase2, "_Phase2.forward");
+  m.def("train_phase2_backward", &train_phase2_backward, "_Phase2.backward");
 }

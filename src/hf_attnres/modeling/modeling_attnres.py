@@ -217,8 +217,9 @@ class BlockPhase1:
 # Devices where phase 1 in training stacks the block's sources into one [tokens, n, d] tensor and uses batched
 # matmuls. On a GPU this reads each source once per block instead of once per sublayer (H100, bf16, 16 x 2048
 # tokens: training step 0.426 -> 0.368 s); on CPU the loop of fused multiply-adds is faster (batched tiny
-# matmuls are slow there). Neither keeps the stack for backward: the backward restacks it. benchmarks/phase1.py
-# times both. Inference goes through `SourceStack` on every device.
+# matmuls are slow there), and hf_attnres's fused kernels faster still where they are loaded. Neither keeps the
+# stack for backward: the backward restacks it. benchmarks/phase1.py times both. Inference goes through a
+# source stack on every device.
 PHASE1_STACKED_DEVICES = ("cuda",)
 
 
@@ -227,6 +228,14 @@ def _dots(x: torch.Tensor, ys: list[torch.Tensor], scratch: torch.Tensor | None 
     `torch.linalg.vecdot` allocates a [tokens, d] product per call, and fresh memory costs page faults."""
     scratch = torch.empty_like(x) if scratch is None else scratch
     return torch.stack([torch.mul(x, y, out=scratch).sum(-1) for y in ys], dim=-1)
+
+
+def _training_kernels(like: torch.Tensor):
+    """hf_attnres's fused CPU kernels for the two phases under autograd, where they apply (CPU tensors of a
+    supported dtype, not under torch.compile), else None."""
+    if like.device.type != "cpu" or like.dtype not in _FUSED_DTYPES or torch.compiler.is_compiling():
+        return None
+    return _fused_kernels()
 
 
 class _Phase1(torch.autograd.Function):
@@ -239,14 +248,18 @@ class _Phase1(torch.autograd.Function):
     def forward(ctx, queries: torch.Tensor, eps: float, merge_dots: dict, *sources: torch.Tensor):
         ctx.merge_dots = merge_dots
         ctx.stacked = sources[0].device.type in PHASE1_STACKED_DEVICES
-        if ctx.stacked:
+        ctx.kernels = _training_kernels(sources[0])
+        if ctx.kernels is not None:  # the same equations token by token (hf_attnres.kernels)
+            *mixed, lse, weights, dot, inv_rms = ctx.kernels.train_phase1(queries, eps, list(sources))
+        elif ctx.stacked:
             values = torch.stack(sources, dim=-2).to(queries.dtype)  # [..., n, d]
             logits, dot, inv_rms = _key_logits(values, queries, eps)  # [..., n, S], [..., n, S], [..., n, 1]
         else:
             logits, dot, inv_rms = (torch.stack(t, dim=-2) for t in zip(*(_key_logits(v, queries, eps) for v in sources)))
-        lse = logits.logsumexp(dim=-2)  # [..., S]
-        weights = (logits - lse.unsqueeze(-2)).exp()  # [..., n, S]
-        mixed = (weights.mT @ values).unbind(-2) if ctx.stacked else [_mix(w.unbind(-1), sources) for w in weights.unbind(-1)]
+        if ctx.kernels is None:
+            lse = logits.logsumexp(dim=-2)  # [..., S]
+            weights = (logits - lse.unsqueeze(-2)).exp()  # [..., n, S]
+            mixed = (weights.mT @ values).unbind(-2) if ctx.stacked else [_mix(w.unbind(-1), sources) for w in weights.unbind(-1)]
         ctx.save_for_backward(queries, dot, inv_rms, weights, *sources)
         ctx.mark_non_differentiable(weights)
         return (*mixed, lse, weights)
@@ -257,6 +270,11 @@ class _Phase1(torch.autograd.Function):
         *grad_mixed, grad_lse, _ = grads  # unused outputs' gradients arrive as zeros (materialize_grads)
         # (gradient, its <grad_mixed_j, v_i>) that phase 2 handed down for column j (see _Phase2)
         merged = [ctx.merge_dots.pop(j, (None, None)) for j in range(len(grad_mixed))]
+        if ctx.kernels is not None:
+            grad_queries, *grad_sources = ctx.kernels.train_phase1_backward(
+                queries, list(grad_mixed), grad_lse, [dots if grad is g else None for (grad, dots), g in zip(merged, grad_mixed)],
+                weights, dot, inv_rms, sources)
+            return grad_queries, None, None, *grad_sources
 
         def softmax_backward(grad_weights):  # weights = exp(logits - lse); d lse / d logits = weights
             return weights * (grad_weights - (weights * grad_weights).sum(-2, keepdim=True) + grad_lse.unsqueeze(-2))
@@ -296,19 +314,32 @@ class _Phase2(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mixed, partial, query, lse, weights, eps, merge_dots, column, *sources):
-        logit, dot, inv_rms = _key_logits(partial, query[:, None], eps)
-        beta = torch.sigmoid(logit[..., 0] - lse)  # the partial sum's share
-        ctx.save_for_backward(partial, query, dot, inv_rms, beta, weights, *sources)
         ctx.merge_dots, ctx.column = merge_dots, column
+        # phase 1's result is not needed again: merge into it, no new buffer (unless it is not phase 1's own
+        # buffer; a view: the stacked phase 1)
+        in_place = not (mixed.is_leaf or mixed._is_view())
+        ctx.kernels = _training_kernels(partial) if mixed.dtype == torch.float32 else None
+        if ctx.kernels is not None:
+            h, beta, dot, inv_rms = ctx.kernels.train_phase2(mixed, partial, query, lse, eps, in_place)
+        else:
+            logit, dot, inv_rms = _key_logits(partial, query[:, None], eps)
+            beta = torch.sigmoid(logit[..., 0] - lse)  # the partial sum's share
+            p, weight = partial.to(mixed.dtype), beta.unsqueeze(-1)
+            h = mixed.lerp_(p, weight) if in_place else torch.lerp(mixed, p, weight)
+        ctx.save_for_backward(partial, query, dot, inv_rms, beta, weights, *sources)
         ctx.mark_non_differentiable(beta)
-        if mixed.is_leaf or mixed._is_view():  # not phase 1's own buffer (a view: the stacked phase 1)
-            return torch.lerp(mixed, partial.to(mixed.dtype), beta.unsqueeze(-1)), beta
-        ctx.mark_dirty(mixed)  # phase 1's result is not needed again: merge into it, no new buffer
-        return mixed.lerp_(partial.to(mixed.dtype), beta.unsqueeze(-1)), beta
+        if in_place:
+            ctx.mark_dirty(mixed)
+        return h, beta
 
     @staticmethod
     def backward(ctx, grad, _):
         partial, query, dot, inv_rms, beta, weights, *sources = ctx.saved_tensors
+        if ctx.kernels is not None:
+            grad_mixed, merge, grad_partial, grad_query, grad_lse = ctx.kernels.train_phase2_backward(
+                grad, partial, query, dot, inv_rms, beta, weights, sources)
+            ctx.merge_dots[ctx.column] = (grad_mixed, merge)
+            return grad_mixed, grad_partial, grad_query, grad_lse, None, None, None, None, *(None for _ in sources)
         grad = grad.to(beta.dtype)
         scratch = torch.empty_like(grad)
         dots = _dots(grad, [partial, *sources], scratch)  # <grad, p>, <grad, v_i>
@@ -409,10 +440,10 @@ class SourceStack:
         return _to(h.squeeze(-2), sources[0].dtype), alpha.squeeze(-1)
 
 
-# Fused CPU kernels for decoding, from the hf_attnres package (hf_attnres.kernels: a module built once with the
-# system's C++ compiler). Without them, or without the package, the same equations run as SourceStack's torch
-# ops, whose fixed costs per op are most of what AttnRes adds to a decoding step on CPU.
-FUSED_ABI = 1  # the kernels' interface this file calls
+# Fused CPU kernels for Block AttnRes, from the hf_attnres package (hf_attnres.kernels: a module built once with
+# the system's C++ compiler). Without them, or without the package, the same equations run as torch ops:
+# SourceStack's in inference, _Phase1's and _Phase2's under autograd.
+FUSED_ABI = 2  # the kernels' interface this file calls
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # per generation (its cache): (model, input shape and dtype, layers) and the FusedSourceStack of its last step
 _FUSED_STACKS: "weakref.WeakKeyDictionary[Cache, tuple]" = weakref.WeakKeyDictionary()
@@ -425,10 +456,11 @@ def _fused_kernels():
 
 
 class FusedSourceStack:
-    """`SourceStack` in the fused kernels, for decoding on CPU without depth weights: one call per block for
+    """`SourceStack` in the fused kernels, for inference on CPU without depth weights: one call per block for
     phase 1 and one per sublayer for phase 2. Nothing is stacked or precomputed: on one token, with the
     decoder's weights streaming through the caches between calls, reading each source and each query once
-    when needed is cheaper than any copy (see the kernels' source)."""
+    when needed is cheaper than any copy; on a prompt, so is reading each token's sources once per block
+    (see the kernels' source)."""
 
     def __init__(self, decoder, block_size: int, eps: float):
         self.decoder, self.block_size, self.eps = decoder, block_size, eps
@@ -697,13 +729,13 @@ class AttnResModel(AttnResPreTrainedModel):
         past_key_values: Cache | None = None,
     ) -> SourceStack | FusedSourceStack | None:
         """The source stack for a Block AttnRes inference forward over `layers`, or None: in training and while
-        parameters are not all materialised here. Decoding on CPU without depth weights (`keep_weights`) uses
+        parameters are not all materialised here. Inference on CPU without depth weights (`keep_weights`) uses
         the fused kernels where they are loaded."""
         size = self.config.sublayers_per_block
         if torch.is_grad_enabled() or size is None or size < 2:
             return None
         if (not keep_weights and inputs_embeds.device.type == "cpu" and inputs_embeds.dtype in _FUSED_DTYPES
-                and _decoding(inputs_embeds) and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling()):
             stack = self._fused_stack(inputs_embeds, layers, past_key_values)
             if stack is not None:
                 return stack
