@@ -163,7 +163,7 @@ class Decoder {
           double eps)
       : w_(std::move(w)), gamma_(std::move(gamma)), T_(tokens), d_(d), S_(block_size),
         floor2_(static_cast<float>(d * eps)), scale_(static_cast<float>(std::sqrt(static_cast<double>(d)))),
-        mixed_(at::detail::empty_cpu({tokens, block_size, d}, at::kFloat)),
+        mixed_(at::detail::empty_cpu({block_size, tokens, d}, at::kFloat)),
         lse_(at::detail::empty_cpu({tokens, block_size}, at::kFloat)), q_(static_cast<size_t>(d)) {}
 
   // nullptr (None) where a parameter is not plain: the caller takes the eager path, which has its own checks.
@@ -278,7 +278,7 @@ class Decoder {
           for (int64_t i = 0; i < n; ++i) a[i * K + k] /= sum;
         }
         for (int64_t k = 0; k < K; ++k) {  // column 0 goes to `out`, the others stay for phase 2
-          float* h = k == 0 ? float_row(out + t * d, scratch.data() + n * d) : mixed + (t * S + k) * d;
+          float* h = k == 0 ? float_row(out + t * d, scratch.data() + n * d) : mixed + (k * T_ + t) * d;
           for (int64_t i = 0; i < n; ++i) axpy(h, a[i * K + k], x[i], d, i > 0);
         }
         store(out + t * d, scratch.data() + n * d, d);
@@ -293,7 +293,7 @@ class Decoder {
     const float* lse = lse_.data_ptr<float>();
     if (small()) {
       prefetch_query(column);
-      for (int64_t t = 0; t < T_; ++t) prefetch(mixed + (t * S + s) * d, d * sizeof(float));
+      prefetch(mixed + s * T_ * d, T_ * d * sizeof(float));
       prefetch(p, T_ * d * sizeof(scalar_t));
     }
     query(column, q_.data());
@@ -306,7 +306,7 @@ class Decoder {
         const float square = dots(x, &q, 1, d, &dot);
         const float logit = dot / std::sqrt(square + floor2_);
         const float rest = 1.f / (1.f + std::exp(logit - lse[t * S + s]));
-        lerp(float_row(out + t * d, scratch.data() + d), x, mixed + (t * S + s) * d, rest, d);
+        lerp(float_row(out + t * d, scratch.data() + d), x, mixed + (s * T_ + t) * d, rest, d);
         store(out + t * d, scratch.data() + d, d);
       }
     });
@@ -315,7 +315,9 @@ class Decoder {
   std::vector<at::Tensor> w_, gamma_;  // fp32, per query column
   int64_t T_, d_, S_;
   float floor2_, scale_;
-  at::Tensor mixed_, lse_;  // phase 1's results for the block: [T, S, d], [T, S] (column k at [:, k - first])
+  // phase 1's results for the block: mixed [S, T, d] (each column's rows contiguous, so phase 2 reads one
+  // stream) and lse [T, S], column k at index k - first
+  at::Tensor mixed_, lse_;
   std::vector<float> q_;
   bool reads_parameters_ = false;
 };
