@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -50,47 +51,76 @@ constexpr int64_t kGrain = 64;
 
 constexpr int64_t kLanes = 16, kQueries = 8;
 
-// out[k] = x . rows[k] for K >= 1 rows; returns |x|^2. One pass over x per 8 rows, each product summed in 16
-// lanes of its own: a single running sum would make every add wait for the one before it.
-VECTOR_CLONES float dots(const float* x, const float* const* rows, int64_t K, int64_t d, float* out) {
-  const int64_t body = d - d % kLanes;
-  float square[kLanes] = {};
-  for (int64_t k0 = 0; k0 < K; k0 += kQueries) {
-    const int64_t kn = std::min(kQueries, K - k0);
-    float acc[kQueries][kLanes] = {};
-    for (int64_t j = 0; j < body; j += kLanes) {
-      const float* xj = x + j;
-      if (k0 == 0) {
-#pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) square[l] += xj[l] * xj[l];
-      }
-      for (int64_t k = 0; k < kn; ++k) {
-        const float* qj = rows[k0 + k] + j;
-#pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) acc[k][l] += xj[l] * qj[l];
-      }
-    }
-    for (int64_t k = 0; k < kn; ++k) {
-      float sum = 0.f;
-      for (int64_t l = 0; l < kLanes; ++l) sum += acc[k][l];
-      for (int64_t j = body; j < d; ++j) sum += x[j] * rows[k0 + k][j];
-      out[k0 + k] = sum;
-    }
-  }
+// kLanes floats as one value (GCC/Clang vector extensions): one AVX-512 register, two AVX or four SSE ones, so
+// the compiler keeps sums in registers whatever it makes of the loops around them.
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+
+#define LANES_INLINE __attribute__((always_inline)) inline  // into each clone, compiled for its instruction set
+
+LANES_INLINE vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+LANES_INLINE void store_lanes(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+
+LANES_INLINE float total(vfloat v) {
   float sum = 0.f;
-  for (int64_t l = 0; l < kLanes; ++l) sum += square[l];
-  for (int64_t j = body; j < d; ++j) sum += x[j] * x[j];
+  for (int64_t l = 0; l < kLanes; ++l) sum += v[l];
   return sum;
 }
 
-// h = a x (accumulate: h += a x)
-VECTOR_CLONES void axpy(float* h, float a, const float* x, int64_t d, bool accumulate) {
-  if (accumulate) {
-#pragma omp simd
-    for (int64_t j = 0; j < d; ++j) h[j] += a * x[j];
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < d; ++j) h[j] = a * x[j];
+// out[k] += x . rows[k] for KN rows over the first `body` elements (a multiple of kLanes), each summed in kLanes
+// lanes of its own: a single running sum would make every add wait for the one before it.
+template <int KN>
+LANES_INLINE void dot_lanes(const float* x, const float* const* rows, int64_t body, float* out) {
+  vfloat acc[KN] = {};
+  for (int64_t j = 0; j < body; j += kLanes) {
+    const vfloat xj = load(x + j);
+    for (int k = 0; k < KN; ++k) acc[k] += xj * load(rows[k] + j);
+  }
+  for (int k = 0; k < KN; ++k) out[k] = total(acc[k]);
+}
+
+// out[k] = x . rows[k] for K >= 1 rows; returns |x|^2. One pass over x per 8 rows.
+VECTOR_CLONES float dots(const float* x, const float* const* rows, int64_t K, int64_t d, float* out) {
+  const int64_t body = d - d % kLanes;
+  float square;
+  dot_lanes<1>(x, &x, body, &square);
+  for (int64_t j = body; j < d; ++j) square += x[j] * x[j];
+  for (int64_t k0 = 0; k0 < K; k0 += kQueries) {
+    const int64_t kn = std::min(kQueries, K - k0);
+    const float* const* r = rows + k0;
+    switch (kn) {  // a constant count, so that the sums stay in registers
+      case 1: dot_lanes<1>(x, r, body, out + k0); break;
+      case 2: dot_lanes<2>(x, r, body, out + k0); break;
+      case 3: dot_lanes<3>(x, r, body, out + k0); break;
+      case 4: dot_lanes<4>(x, r, body, out + k0); break;
+      case 5: dot_lanes<5>(x, r, body, out + k0); break;
+      case 6: dot_lanes<6>(x, r, body, out + k0); break;
+      case 7: dot_lanes<7>(x, r, body, out + k0); break;
+      default: dot_lanes<8>(x, r, body, out + k0); break;
+    }
+    for (int64_t k = 0; k < kn; ++k)
+      for (int64_t j = body; j < d; ++j) out[k0 + k] += x[j] * r[k][j];
+  }
+  return square;
+}
+
+// h = sum_i c[i] rows[i] over `count` rows (accumulate: h += ...), each kLanes-wide slice of h summed in a
+// register and stored once, not once per row.
+VECTOR_CLONES void mix(float* h, const float* c, const float* const* rows, int64_t count, int64_t d, bool accumulate) {
+  const int64_t body = d - d % kLanes;
+  for (int64_t j = 0; j < body; j += kLanes) {
+    vfloat acc = accumulate ? load(h + j) : vfloat{};
+    for (int64_t i = 0; i < count; ++i) acc += c[i] * load(rows[i] + j);
+    store_lanes(h + j, acc);
+  }
+  for (int64_t j = body; j < d; ++j) {
+    float acc = accumulate ? h[j] : 0.f;
+    for (int64_t i = 0; i < count; ++i) acc += c[i] * rows[i][j];
+    h[j] = acc;
   }
 }
 
@@ -262,7 +292,7 @@ class Decoder {
     float* lse = lse_.data_ptr<float>();
     at::parallel_for(0, T_, kGrain, [&](int64_t begin, int64_t end) {
       // a: the logits, then the softmax weights alpha_{i -> k}; x: the token's sources as fp32
-      std::vector<float> a(n * K), scratch((n + 1) * d);
+      std::vector<float> a(n * K), alpha(n), scratch((n + 1) * d);
       std::vector<const float*> x(n);
       for (int64_t t = begin; t < end; ++t) {
         for (int64_t i = 0; i < n; ++i) {
@@ -279,7 +309,8 @@ class Decoder {
         }
         for (int64_t k = 0; k < K; ++k) {  // column 0 goes to `out`, the others stay for phase 2
           float* h = k == 0 ? float_row(out + t * d, scratch.data() + n * d) : mixed + (k * T_ + t) * d;
-          for (int64_t i = 0; i < n; ++i) axpy(h, a[i * K + k], x[i], d, i > 0);
+          for (int64_t i = 0; i < n; ++i) alpha[i] = a[i * K + k];
+          mix(h, alpha.data(), x.data(), n, d, false);
         }
         store(out + t * d, scratch.data() + n * d, d);
       }
@@ -370,7 +401,7 @@ void train_phase1_impl(const float* const* q, int64_t S, double eps, const std::
                        float* inv_rms) {
   const int64_t n = static_cast<int64_t>(v.size());
   at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(n * d);
+    std::vector<float> scratch(n * d), alpha(n);
     std::vector<const float*> x(n);
     for (int64_t t = begin; t < end; ++t) {
       float* w = weights + t * n * S;  // logits, then the softmax over the sources
@@ -387,8 +418,8 @@ void train_phase1_impl(const float* const* q, int64_t S, double eps, const std::
         for (int64_t i = 0; i < n; ++i) sum += std::exp(w[i * S + j] - m);
         const float l = m + std::log(sum);
         lse[t * S + j] = l;
-        for (int64_t i = 0; i < n; ++i) w[i * S + j] = std::exp(w[i * S + j] - l);
-        for (int64_t i = 0; i < n; ++i) axpy(mixed[j] + t * d, w[i * S + j], x[i], d, i > 0);
+        for (int64_t i = 0; i < n; ++i) alpha[i] = w[i * S + j] = std::exp(w[i * S + j] - l);
+        mix(mixed[j] + t * d, alpha.data(), x.data(), n, d, false);
       }
     }
   });
@@ -431,8 +462,8 @@ void train_phase1_backward_impl(const float* const* q, int64_t S, const std::vec
                                 const float* inv_rms, const std::vector<scalar_t*>& grad_v, ThreadSums& grad_q) {
   const int64_t n = static_cast<int64_t>(v.size());
   at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch((n + 1) * d), gl(n * S), gw(n), products(S);
-    std::vector<const float*> x(n);
+    std::vector<float> scratch((n + 1) * d), gl(n * S), gw(n), grad_dot(S * n), coefficients(1 + 2 * S);
+    std::vector<const float*> x(n), rows(1 + 2 * S);
     float* gq = grad_q.mine();
     for (int64_t t = begin; t < end; ++t) {
       const float* w = weights + t * n * S;
@@ -447,22 +478,29 @@ void train_phase1_backward_impl(const float* const* q, int64_t S, const std::vec
         for (int64_t i = 0; i < n; ++i) mean += w[i * S + j] * gw[i];
         for (int64_t i = 0; i < n; ++i) gl[i * S + j] = w[i * S + j] * (gw[i] - mean + grad_lse[t * S + j]);
       }
+      // grad v_i = grad_rms_i v_i + sum_j (grad_dot_ij q_j + w_ij grad_mixed_j), one pass over 1 + 2 S rows
       float* out = scratch.data() + n * d;
+      rows[0] = nullptr;
+      for (int64_t j = 0; j < S; ++j) {
+        rows[1 + j] = q[j];
+        rows[1 + S + j] = grad_mixed[j] + t * d;
+      }
       for (int64_t i = 0; i < n; ++i) {
         const float r = inv_rms[t * n + i];
         float grad_rms = 0.f;
         for (int64_t j = 0; j < S; ++j) grad_rms -= gl[i * S + j] * dot[(t * n + i) * S + j];
-        grad_rms *= r * r * r / d;
-        float* gv = float_row(grad_v[i] + t * d, out);
-        axpy(gv, grad_rms, x[i], d, false);
+        coefficients[0] = grad_rms * r * r * r / d;
         for (int64_t j = 0; j < S; ++j) {
-          const float grad_dot = gl[i * S + j] * r;
-          axpy(gv, grad_dot, q[j], d, true);
-          axpy(gv, w[i * S + j], grad_mixed[j] + t * d, d, true);
-          axpy(gq + j * d, grad_dot, x[i], d, true);
+          coefficients[1 + j] = grad_dot[j * n + i] = gl[i * S + j] * r;
+          coefficients[1 + S + j] = w[i * S + j];
         }
+        rows[0] = x[i];
+        float* gv = float_row(grad_v[i] + t * d, out);
+        mix(gv, coefficients.data(), rows.data(), 1 + 2 * S, d, false);
         store(grad_v[i] + t * d, out, d);
       }
+      // grad q_j += sum_i grad_dot_ij v_i
+      for (int64_t j = 0; j < S; ++j) mix(gq + j * d, grad_dot.data() + j * n, x.data(), n, d, true);
     }
   });
 }
@@ -580,7 +618,7 @@ void train_phase2_backward_impl(const float* grad, const scalar_t* p, const floa
         gm[j] = (1.f - b) * g[j];
       }
       store(grad_p + t * d, gp, d);
-      axpy(gq, grad_dot, x, d, true);
+      mix(gq, &grad_dot, &x, 1, d, true);
     }
   });
 }
