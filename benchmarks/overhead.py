@@ -2,8 +2,9 @@
 
 Defaults are SmolLM2-135M's dimensions (30 layers, hidden 576, 9/3 heads, intermediate 1536, vocab 49152)
 with random weights, CPU fp32, sdpa, batch 4 x 512. Each metric is timed in its own loop, the models
-interleaved (Llama, block, full, Llama, ...; decoding token by token) so machine noise hits every model alike;
-the reported figure is the median. Block AttnRes runs on CPU through hf_attnres's fused kernels (built on
+interleaved (Llama, block, full, Llama, ...; decoding token by token) so machine noise hits every model alike,
+in an order that alternates from one repeat to the next so a drifting machine favours none; the reported figure
+is the median. Block AttnRes runs on CPU through hf_attnres's fused kernels (built on
 first use; `--kernels off` times the plain torch ops instead). On CPU the timings run with glibc set to
 reuse freed memory (`--allocator steady`, see STEADY_ALLOCATOR_ENV): with its default thresholds, page
 faults vary tenfold between identical runs and swamp the few percent being measured. `--allocator default`
@@ -172,7 +173,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per model and metric (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=6,
+                   help="timed repeats per model and metric (after one warm-up); the order of the models alternates")
     p.add_argument("--modes", default="block,full", help="AttnRes modes to compare with Llama")
     p.add_argument("--metrics", default="train_step,prefill,decode_tok_s,peak_mem", help="subset to measure")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -221,7 +223,11 @@ def main() -> None:
         if metric not in metrics:
             continue
         for rep in range(args.repeats + 1):  # rep 0 warms up
-            values = timer([models[k] for k in kinds])
+            # the order alternates: when the machine drifts (it slowed by 10% per repeat in some runs here), a
+            # fixed order charges the drift within each repeat to the model timed second
+            order = kinds if rep % 2 else kinds[::-1]
+            timed = dict(zip(order, timer([models[k] for k in order])))
+            values = [timed[k] for k in kinds]
             if rep:
                 for k, value in zip(kinds, values):
                     times[k][metric].append(value)
