@@ -769,7 +769,8 @@ class AttnResModel(AttnResPreTrainedModel):
             return kept[1]
         stack = FusedSourceStack.create(kernels, like, self._stack_parameters(layers),
                                         self.config.sublayers_per_block, self.final_res.key_norm.variance_epsilon)
-        if cache is not None and stack is not None and stack.decoder.reads_parameters:
+        # kept for decoding steps only: a prompt's stack holds its phase-1 buffer, [S, tokens, d]
+        if cache is not None and stack is not None and stack.decoder.reads_parameters and _decoding(like):
             _FUSED_STACKS[cache] = (key, stack)
         return stack
 
