@@ -1,4 +1,4 @@
-"""`hf-attnres build-kernels`: build (or find) the fused CPU decoding kernels ahead of first use."""
+"""`hf-attnres build-kernels`: build (or find) the fused CPU kernels for Block AttnRes ahead of first use."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ def build_kernels(verbose: bool = False) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("build-kernels", help="build the fused CPU kernels for Block AttnRes decoding now",
-                              description=__doc__ + " They are otherwise built the first time a model decodes on "
-                              "CPU (once per torch version, with the system's C++ compiler and ninja).",
+    p = subparsers.add_parser("build-kernels", help="build the fused CPU kernels for Block AttnRes now",
+                              description=__doc__ + " They are otherwise built the first time a Block AttnRes "
+                              "model runs on CPU (once per torch version, with the system's C++ compiler and ninja).",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--verbose", action="store_true", help="show the compiler's output")
     p.set_defaults(func=lambda a: build_kernels(a.verbose))

@@ -1,4 +1,4 @@
-// Fused CPU kernels for Block AttnRes inference: decoding and prefill.
+// Fused CPU kernels for Block AttnRes: decoding, prefill and training (forward and backward).
 //
 // The equations are those of SourceStack in modeling_attnres.py (spec §5, the two-phase computation); only the
 // cost differs. Decoding a token runs the depth attention once per sublayer on one token, where each PyTorch
@@ -506,9 +506,10 @@ void train_phase1_backward_impl(const float* const* q, int64_t S, const std::vec
 }
 
 std::vector<at::Tensor> train_phase1_backward(const at::Tensor& queries, const std::vector<at::Tensor>& grad_mixed,
-                                              const at::Tensor& grad_lse, const std::vector<std::optional<at::Tensor>>& merged,
-                                              const at::Tensor& weights, const at::Tensor& dot, const at::Tensor& inv_rms,
-                                              const std::vector<at::Tensor>& sources) {
+                                              const at::Tensor& grad_lse,
+                                              const std::vector<std::optional<at::Tensor>>& merged,
+                                              const at::Tensor& weights, const at::Tensor& dot,
+                                              const at::Tensor& inv_rms, const std::vector<at::Tensor>& sources) {
   const int64_t d = sources.at(0).size(-1), T = sources[0].numel() / d, n = static_cast<int64_t>(sources.size());
   const auto values = contiguous(sources, T * d);
   const auto qrows = query_rows(queries);
@@ -569,7 +570,8 @@ std::vector<at::Tensor> train_phase2(const at::Tensor& mixed, const at::Tensor& 
   TORCH_CHECK(mixed.scalar_type() == at::kFloat && mixed.numel() == T * d && query.numel() == d &&
                   query.scalar_type() == at::kFloat && lse.numel() == T && (!in_place || mixed.is_contiguous()),
               "hf_attnres kernels: phase 2 on fp32 phase-1 results of ", T, " x ", d);
-  const auto p = partial.contiguous(), m = mixed.contiguous(), q = query.contiguous(), l = lse.to(at::kFloat).contiguous();
+  const auto p = partial.contiguous(), m = mixed.contiguous(), q = query.contiguous();
+  const auto l = lse.to(at::kFloat).contiguous();
   auto h = in_place ? mixed : at::empty_like(m);
   auto opts = m.options();
   auto lead = partial.sizes().slice(0, partial.dim() - 1);
@@ -623,8 +625,9 @@ void train_phase2_backward_impl(const float* grad, const scalar_t* p, const floa
   });
 }
 
-std::vector<at::Tensor> train_phase2_backward(const at::Tensor& grad, const at::Tensor& partial, const at::Tensor& query,
-                                              const at::Tensor& dot, const at::Tensor& inv_rms, const at::Tensor& beta,
+std::vector<at::Tensor> train_phase2_backward(const at::Tensor& grad, const at::Tensor& partial,
+                                              const at::Tensor& query, const at::Tensor& dot,
+                                              const at::Tensor& inv_rms, const at::Tensor& beta,
                                               const at::Tensor& weights, const std::vector<at::Tensor>& sources) {
   const int64_t d = partial.size(-1), T = partial.numel() / d, n = static_cast<int64_t>(sources.size());
   TORCH_CHECK(grad.numel() == T * d && query.numel() == d && weights.numel() == T * n && n >= 1,

@@ -271,9 +271,9 @@ class _Phase1(torch.autograd.Function):
         # (gradient, its <grad_mixed_j, v_i>) that phase 2 handed down for column j (see _Phase2)
         merged = [ctx.merge_dots.pop(j, (None, None)) for j in range(len(grad_mixed))]
         if ctx.kernels is not None:
+            handed_down = [dots if grad is g else None for (grad, dots), g in zip(merged, grad_mixed)]
             grad_queries, *grad_sources = ctx.kernels.train_phase1_backward(
-                queries, list(grad_mixed), grad_lse, [dots if grad is g else None for (grad, dots), g in zip(merged, grad_mixed)],
-                weights, dot, inv_rms, sources)
+                queries, list(grad_mixed), grad_lse, handed_down, weights, dot, inv_rms, sources)
             return grad_queries, None, None, *grad_sources
 
         def softmax_backward(grad_weights):  # weights = exp(logits - lse); d lse / d logits = weights
