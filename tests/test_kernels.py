@@ -92,9 +92,10 @@ def test_depth_weights_do_not_use_the_kernels_and_autograd_has_no_source_stack(m
         assert model.model._source_stack(embeds, layers, False) is None
 
 
-def _routed_model():
-    """A block model whose routing is far from uniform (random queries and key-norm weights)."""
-    model = tiny_attnres("block", num_hidden_layers=5, attn_res_block_size=4)
+def _routed_model(hidden: int = 64):
+    """A block model whose routing is far from uniform (random queries and key-norm weights). A hidden size
+    that is not a multiple of 16 takes the kernels' loops past their 16-lane vectors."""
+    model = tiny_attnres("block", num_hidden_layers=5, attn_res_block_size=4, hidden_size=hidden)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "key_norm" in name:
@@ -102,11 +103,12 @@ def _routed_model():
     return model
 
 
+@pytest.mark.parametrize("hidden", [64, 40])
 @torch.no_grad()
-def test_fused_prefill_split_over_threads_equals_plain_torch():
+def test_fused_prefill_split_over_threads_equals_plain_torch(hidden):
     """A prompt of more tokens than one thread takes (64) is split over torch's threads: same logits."""
     fused_kernels()
-    model = _routed_model()
+    model = _routed_model(hidden)
     ids = token_ids(batch=3, seq=150)
     with without_fused_kernels():
         expected = model(ids).logits
@@ -116,12 +118,13 @@ def test_fused_prefill_split_over_threads_equals_plain_torch():
     assert (model(ids).logits - expected).abs().max() < 2e-5
 
 
-@pytest.mark.parametrize("tokens", [(2, 9), (3, 150)], ids=["one thread", "split over threads"])
-def test_fused_training_step_equals_plain_torch(tokens):
+@pytest.mark.parametrize("tokens, hidden", [((2, 9), 64), ((3, 150), 64), ((3, 150), 40)],
+                         ids=["one thread", "split over threads", "hidden 40"])
+def test_fused_training_step_equals_plain_torch(tokens, hidden):
     """Loss and every parameter's gradient through the fused phases against the plain-torch autograd
     functions, with phase 2's products handed down to phase 1's backward as there."""
     fused_kernels()
-    model = _routed_model()
+    model = _routed_model(hidden)
     ids = token_ids(*tokens)
 
     def step(kernels: bool):
