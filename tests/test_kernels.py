@@ -120,7 +120,7 @@ def test_fused_prefill_split_over_threads_equals_plain_torch(hidden):
 
 @pytest.mark.parametrize("tokens, hidden", [((2, 9), 64), ((3, 150), 64), ((3, 150), 40)],
                          ids=["one thread", "split over threads", "hidden 40"])
-def test_fused_training_step_equals_plain_torch(tokens, hidden):
+def test_fused_training_step_equals_plain_torch(tokens, hidden, monkeypatch):
     """Loss and every parameter's gradient through the fused phases against the plain-torch autograd
     functions, with phase 2's products handed down to phase 1's backward as there."""
     fused_kernels()
@@ -139,9 +139,8 @@ def test_fused_training_step_equals_plain_torch(tokens, hidden):
 
     calls = []
     fused = modeling_attnres._training_kernels
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(modeling_attnres, "_training_kernels", lambda like: calls.append(fused(like)) or calls[-1])
-        loss, grads = step(True)
+    monkeypatch.setattr(modeling_attnres, "_training_kernels", lambda like: calls.append(fused(like)) or calls[-1])
+    loss, grads = step(True)
     assert calls and all(c is not None for c in calls)
     expected_loss, expected = step(False)
     assert (loss - expected_loss).abs() < 1e-5

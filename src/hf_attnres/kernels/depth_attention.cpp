@@ -185,6 +185,43 @@ at::Tensor fp32(const at::Tensor& t) {
   return (t.scalar_type() == at::kFloat ? t : t.to(at::kFloat)).contiguous();
 }
 
+std::vector<at::Tensor> contiguous(const std::vector<at::Tensor>& tensors, int64_t numel) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == tensors[0].scalar_type() && t.numel() == numel,
+                "hf_attnres kernels: tensors of one dtype on the CPU with ", numel, " elements each");
+    out.push_back(t.contiguous());
+  }
+  return out;
+}
+
+template <typename T>
+std::vector<T*> pointers(const std::vector<at::Tensor>& tensors) {
+  std::vector<T*> out;
+  for (const auto& t : tensors) out.push_back(static_cast<T*>(t.data_ptr()));
+  return out;
+}
+
+// One token's depth attention weights over its n sources x_i for K queries q_k: a[i K + k] = softmax over i of
+// (q_k . x_i) inv_rms_i with inv_rms_i = 1 / sqrt(|x_i|^2 / divisor + floor), and lse[k]. The products and
+// inv_rms go to `dot` [n K] and `inv_rms` [n] where given (training keeps them for backward).
+void token_softmax(const float* const* x, int64_t n, const float* const* q, int64_t K, int64_t d, float divisor,
+                   float floor, float* a, float* lse, float* dot = nullptr, float* inv_rms = nullptr) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* products = dot != nullptr ? dot + i * K : a + i * K;
+    const float r = 1.f / std::sqrt(dots(x[i], q, K, d, products) / divisor + floor);
+    if (inv_rms != nullptr) inv_rms[i] = r;
+    for (int64_t k = 0; k < K; ++k) a[i * K + k] = products[k] * r;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    float m = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, a[i * K + k]);
+    for (int64_t i = 0; i < n; ++i) sum += (a[i * K + k] = std::exp(a[i * K + k] - m));  // one exp per logit
+    lse[k] = m + std::log(sum);
+    for (int64_t i = 0; i < n; ++i) a[i * K + k] /= sum;
+  }
+}
+
 // The state of one decoding forward: the pseudo-queries and key-norm weights of every query column, and
 // phase 1's results for the current block (mixed [T, S, d], lse [T, S]) that its sublayers' phase 2 reads.
 class Decoder {
@@ -226,12 +263,7 @@ class Decoder {
     const int64_t n = static_cast<int64_t>(sources.size());
     TORCH_CHECK(n >= 1 && 0 <= first && first < last && last <= columns() && last - first <= S_,
                 "hf_attnres kernels: phase1 of columns [", first, ", ", last, ") over ", n, " sources");
-    std::vector<at::Tensor> values;
-    for (const auto& s : sources) {
-      TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == sources[0].scalar_type() && s.numel() == T_ * d_,
-                  "hf_attnres kernels: the sources must be CPU tensors of one dtype and ", T_, " x ", d_, " elements");
-      values.push_back(s.contiguous());
-    }
+    const auto values = contiguous(sources, T_ * d_);
     auto out = new_like(values[0]);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values[0].scalar_type(), "hf_attnres phase1", [&] {
       phase1_impl<scalar_t>(values, first, last, out.data_ptr<scalar_t>());
@@ -275,8 +307,7 @@ class Decoder {
   template <typename scalar_t>
   void phase1_impl(const std::vector<at::Tensor>& values, int64_t first, int64_t last, scalar_t* out) {
     const int64_t n = static_cast<int64_t>(values.size()), K = last - first, d = d_, S = S_;
-    std::vector<const scalar_t*> v(n);
-    for (int64_t i = 0; i < n; ++i) v[i] = values[i].const_data_ptr<scalar_t>();
+    const auto v = pointers<const scalar_t>(values);
     if (small()) {
       for (int64_t k = first; k < last; ++k) prefetch_query(k);
       for (int64_t i = 0; i < n; ++i) prefetch(v[i], T_ * d * sizeof(scalar_t));
@@ -295,18 +326,8 @@ class Decoder {
       std::vector<float> a(n * K), alpha(n), scratch((n + 1) * d);
       std::vector<const float*> x(n);
       for (int64_t t = begin; t < end; ++t) {
-        for (int64_t i = 0; i < n; ++i) {
-          x[i] = as_float(v[i] + t * d, d, scratch.data() + i * d);
-          const float inv_rms = 1.f / std::sqrt(dots(x[i], rows.data(), K, d, a.data() + i * K) + floor2_);
-          for (int64_t k = 0; k < K; ++k) a[i * K + k] *= inv_rms;
-        }
-        for (int64_t k = 0; k < K; ++k) {
-          float m = -std::numeric_limits<float>::infinity(), sum = 0.f;
-          for (int64_t i = 0; i < n; ++i) m = std::max(m, a[i * K + k]);
-          for (int64_t i = 0; i < n; ++i) sum += (a[i * K + k] = std::exp(a[i * K + k] - m));
-          lse[t * S + k] = m + std::log(sum);
-          for (int64_t i = 0; i < n; ++i) a[i * K + k] /= sum;
-        }
+        for (int64_t i = 0; i < n; ++i) x[i] = as_float(v[i] + t * d, d, scratch.data() + i * d);
+        token_softmax(x.data(), n, rows.data(), K, d, 1.f, floor2_, a.data(), lse + t * S);
         for (int64_t k = 0; k < K; ++k) {  // column 0 goes to `out`, the others stay for phase 2
           float* h = k == 0 ? float_row(out + t * d, scratch.data() + n * d) : mixed + (k * T_ + t) * d;
           for (int64_t i = 0; i < n; ++i) alpha[i] = a[i * K + k];
@@ -362,28 +383,11 @@ class Decoder {
 // there: q_j = w_j * gamma_j (not scaled), inv_rms = 1 / sqrt(|v|^2 / d + eps), logits = (q_j . v) inv_rms.
 // ------------------------------------------------------------------------------------------------------------
 
-std::vector<at::Tensor> contiguous(const std::vector<at::Tensor>& tensors, int64_t numel) {
-  std::vector<at::Tensor> out;
-  for (const auto& t : tensors) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == tensors[0].scalar_type() && t.numel() == numel,
-                "hf_attnres kernels: tensors of one dtype on the CPU with ", numel, " elements each");
-    out.push_back(t.contiguous());
-  }
-  return out;
-}
-
 // The rows q_j (contiguous [S, d]) of queries [d, S]
 at::Tensor query_rows(const at::Tensor& queries) {
   TORCH_CHECK(queries.dim() == 2 && queries.scalar_type() == at::kFloat && queries.device().is_cpu(),
               "hf_attnres kernels: fp32 CPU queries [d, S]");
   return queries.t().contiguous();
-}
-
-template <typename T>
-std::vector<T*> pointers(const std::vector<at::Tensor>& tensors) {
-  std::vector<T*> out;
-  for (const auto& t : tensors) out.push_back(static_cast<T*>(t.data_ptr()));
-  return out;
 }
 
 // Per-thread accumulators for a gradient summed over tokens ([threads, size]), and their sum.
@@ -404,21 +408,12 @@ void train_phase1_impl(const float* const* q, int64_t S, double eps, const std::
     std::vector<float> scratch(n * d), alpha(n);
     std::vector<const float*> x(n);
     for (int64_t t = begin; t < end; ++t) {
-      float* w = weights + t * n * S;  // logits, then the softmax over the sources
-      for (int64_t i = 0; i < n; ++i) {
-        x[i] = as_float(v[i] + t * d, d, scratch.data() + i * d);
-        float* dt = dot + (t * n + i) * S;
-        const float r = 1.f / std::sqrt(dots(x[i], q, S, d, dt) / d + static_cast<float>(eps));
-        inv_rms[t * n + i] = r;
-        for (int64_t j = 0; j < S; ++j) w[i * S + j] = dt[j] * r;
-      }
+      float* w = weights + t * n * S;
+      for (int64_t i = 0; i < n; ++i) x[i] = as_float(v[i] + t * d, d, scratch.data() + i * d);
+      token_softmax(x.data(), n, q, S, d, static_cast<float>(d), static_cast<float>(eps), w, lse + t * S,
+                    dot + t * n * S, inv_rms + t * n);
       for (int64_t j = 0; j < S; ++j) {
-        float m = -std::numeric_limits<float>::infinity(), sum = 0.f;
-        for (int64_t i = 0; i < n; ++i) m = std::max(m, w[i * S + j]);
-        for (int64_t i = 0; i < n; ++i) sum += std::exp(w[i * S + j] - m);
-        const float l = m + std::log(sum);
-        lse[t * S + j] = l;
-        for (int64_t i = 0; i < n; ++i) alpha[i] = w[i * S + j] = std::exp(w[i * S + j] - l);
+        for (int64_t i = 0; i < n; ++i) alpha[i] = w[i * S + j];
         mix(mixed[j] + t * d, alpha.data(), x.data(), n, d, false);
       }
     }

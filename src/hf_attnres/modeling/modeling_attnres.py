@@ -318,7 +318,7 @@ class _Phase2(torch.autograd.Function):
         # phase 1's result is not needed again: merge into it, no new buffer (unless it is not phase 1's own
         # buffer; a view: the stacked phase 1)
         in_place = not (mixed.is_leaf or mixed._is_view())
-        ctx.kernels = _training_kernels(partial) if mixed.dtype == torch.float32 else None
+        ctx.kernels = _training_kernels(partial)  # `mixed` is phase 1's fp32 result wherever they apply
         if ctx.kernels is not None:
             h, beta, dot, inv_rms = ctx.kernels.train_phase2(mixed, partial, query, lse, eps, in_place)
         else:
