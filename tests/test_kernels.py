@@ -5,6 +5,7 @@ the loader's failure modes.
 The kernels' equations are also checked case by case against the literal transcription in test_equations.py
 (its "fused kernels" inference paths and its "fused kernels" two-phase variant for gradients)."""
 
+import gc
 import logging
 
 import pytest
@@ -45,6 +46,29 @@ def test_fused_decoding_equals_plain_torch_and_reuses_its_state(monkeypatch):
     assert max((g - e).abs().max().item() for g, e in zip(got, expected)) < 2e-5
     # one stack for the 7-token prompt, one for all six single-token steps of the same generation
     assert len(kept) == 2 and all(type(k) is modeling_attnres.FusedSourceStack for k in kept)
+
+
+def test_bound_calls_check_their_arguments_and_keep_their_decoder():
+    """The decoder's calls as bound builtins (what decoding uses, skipping pybind11's dispatch): bad arguments
+    raise a clear TypeError or the kernels' own check, and the calls outlive every other reference to it."""
+    module, d = fused_kernels(), 16
+    queries, gammas = [torch.randn(d) for _ in range(3)], [torch.ones(d) for _ in range(3)]
+    decoder = module.Decoder.create(queries, gammas, 1, d, 2, 1e-5)
+    phase1, phase2 = decoder.bound_calls()
+    del decoder
+    gc.collect()
+    sources = (torch.randn(1, 1, d),)
+    h = phase1(sources, 0, 2)  # columns 0 and 1 of the first block, over the embedding alone
+    assert torch.equal(h, sources[0])  # one source: weight 1 whatever the query
+    assert torch.equal(phase2(h, 1, 1), h)  # the partial sum equal to that source: any blend of the two is it
+    with pytest.raises(TypeError, match=r"phase1\(sources: list\[Tensor\]"):
+        phase1(sources[0], 0, 2)
+    with pytest.raises(TypeError, match="phase2 takes tensors"):
+        phase2("h", 1, 1)
+    with pytest.raises(TypeError, match="phase2 takes integer indices"):
+        phase2(h, "1", 1)
+    with pytest.raises(RuntimeError, match=r"phase2 of column 7 \(sublayer 1"):
+        phase2(h, 7, 1)
 
 
 @torch.no_grad()

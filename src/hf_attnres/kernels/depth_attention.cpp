@@ -14,12 +14,14 @@
 // as in SourceStack. Logits, softmax and sums are fp32; sources, partial sums and results are in the
 // model's dtype. Built by hf_attnres.kernels with the system's C++ compiler into a Python module (pybind11,
 // not torch.ops: a custom op called from Python costs several times a pybind11 call, about as much as the ops
-// it replaces).
+// it replaces). Decoding calls its two phases through plain CPython functions instead (see bound_calls).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -32,7 +34,7 @@
 #include <vector>
 
 // Bump with any change of the interface or its meaning: the modeling code asks for the version it knows.
-constexpr int ABI = 2;
+constexpr int ABI = 3;
 
 namespace {
 
@@ -124,6 +126,12 @@ VECTOR_CLONES void mix(float* h, const float* c, const float* const* rows, int64
   }
 }
 
+// q = w * g * scale
+VECTOR_CLONES void scaled_product(float* q, const float* w, const float* g, float scale, int64_t d) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) q[j] = w[j] * g[j] * scale;
+}
+
 // o = x + w (m - x)
 VECTOR_CLONES void lerp(float* o, const float* x, const float* m, float w, int64_t d) {
 #pragma omp simd
@@ -202,6 +210,22 @@ std::vector<T*> pointers(const std::vector<at::Tensor>& tensors) {
   return out;
 }
 
+// f(begin, end, buffer) over tokens [0, T), `buffer` holding `floats` floats of scratch. Decoding-sized calls
+// run on the calling thread with `kept`, a buffer kept between calls (a fresh one costs a malloc and a memset
+// of a few KB per call); larger ones are split over torch's threads, each with a buffer of its own.
+template <typename F>
+void over_tokens(int64_t T, size_t floats, std::vector<float>& kept, const F& f) {
+  if (T <= kGrain) {
+    if (kept.size() < floats) kept.resize(floats);
+    f(int64_t{0}, T, kept.data());
+    return;
+  }
+  at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(floats);
+    f(begin, end, buffer.data());
+  });
+}
+
 // One token's depth attention weights over its n sources x_i for K queries q_k: a[i K + k] = softmax over i of
 // (q_k . x_i) inv_rms_i with inv_rms_i = 1 / sqrt(|x_i|^2 / divisor + floor), and lse[k]. The products and
 // inv_rms go to `dot` [n K] and `inv_rms` [n] where given (training keeps them for backward).
@@ -231,7 +255,7 @@ class Decoder {
       : w_(std::move(w)), gamma_(std::move(gamma)), T_(tokens), d_(d), S_(block_size),
         floor2_(static_cast<float>(d * eps)), scale_(static_cast<float>(std::sqrt(static_cast<double>(d)))),
         mixed_(at::detail::empty_cpu({block_size, tokens, d}, at::kFloat)),
-        lse_(at::detail::empty_cpu({tokens, block_size}, at::kFloat)), q_(static_cast<size_t>(d)) {}
+        lse_(at::detail::empty_cpu({tokens, block_size}, at::kFloat)), q_(static_cast<size_t>(block_size * d)) {}
 
   // nullptr (None) where a parameter is not plain: the caller takes the eager path, which has its own checks.
   static std::unique_ptr<Decoder> create(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& gamma,
@@ -295,8 +319,7 @@ class Decoder {
   void query(int64_t column, float* q) const {
     const float* w = w_[column].const_data_ptr<float>();
     const float* g = gamma_[column].const_data_ptr<float>();
-#pragma omp simd
-    for (int64_t j = 0; j < d_; ++j) q[j] = w[j] * g[j] * scale_;  // (w * gamma) * sqrt(d), as SourceStack
+    scaled_product(q, w, g, scale_, d_);  // (w * gamma) * sqrt(d), as SourceStack
   }
 
   // Whether a call on T tokens is decoding-sized: then it asks for its memory up front (see `prefetch`); a
@@ -313,27 +336,26 @@ class Decoder {
       for (int64_t i = 0; i < n; ++i) prefetch(v[i], T_ * d * sizeof(scalar_t));
       prefetch(mixed_.data_ptr<float>(), T_ * S * d * sizeof(float), true);
     }
-    std::vector<float> q(K * d);
     std::vector<const float*> rows(K);
     for (int64_t k = 0; k < K; ++k) {
-      query(first + k, q.data() + k * d);
-      rows[k] = q.data() + k * d;
+      query(first + k, q_.data() + k * d);
+      rows[k] = q_.data() + k * d;
     }
     float* mixed = mixed_.data_ptr<float>();
     float* lse = lse_.data_ptr<float>();
-    at::parallel_for(0, T_, kGrain, [&](int64_t begin, int64_t end) {
+    over_tokens(T_, n * K + n + (n + 1) * d, scratch_, [&](int64_t begin, int64_t end, float* buffer) {
       // a: the logits, then the softmax weights alpha_{i -> k}; x: the token's sources as fp32
-      std::vector<float> a(n * K), alpha(n), scratch((n + 1) * d);
+      float *a = buffer, *alpha = a + n * K, *scratch = alpha + n;
       std::vector<const float*> x(n);
       for (int64_t t = begin; t < end; ++t) {
-        for (int64_t i = 0; i < n; ++i) x[i] = as_float(v[i] + t * d, d, scratch.data() + i * d);
-        token_softmax(x.data(), n, rows.data(), K, d, 1.f, floor2_, a.data(), lse + t * S);
+        for (int64_t i = 0; i < n; ++i) x[i] = as_float(v[i] + t * d, d, scratch + i * d);
+        token_softmax(x.data(), n, rows.data(), K, d, 1.f, floor2_, a, lse + t * S);
         for (int64_t k = 0; k < K; ++k) {  // column 0 goes to `out`, the others stay for phase 2
-          float* h = k == 0 ? float_row(out + t * d, scratch.data() + n * d) : mixed + (k * T_ + t) * d;
+          float* h = k == 0 ? float_row(out + t * d, scratch + n * d) : mixed + (k * T_ + t) * d;
           for (int64_t i = 0; i < n; ++i) alpha[i] = a[i * K + k];
-          mix(h, alpha.data(), x.data(), n, d, false);
+          mix(h, alpha, x.data(), n, d, false);
         }
-        store(out + t * d, scratch.data() + n * d, d);
+        store(out + t * d, scratch + n * d, d);
       }
     });
   }
@@ -350,16 +372,15 @@ class Decoder {
     }
     query(column, q_.data());
     const float* q = q_.data();
-    at::parallel_for(0, T_, kGrain, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(2 * d);
+    over_tokens(T_, 2 * d, scratch_, [&](int64_t begin, int64_t end, float* scratch) {
       for (int64_t t = begin; t < end; ++t) {
-        const float* x = as_float(p + t * d, d, scratch.data());
+        const float* x = as_float(p + t * d, d, scratch);
         float dot;
         const float square = dots(x, &q, 1, d, &dot);
         const float logit = dot / std::sqrt(square + floor2_);
         const float rest = 1.f / (1.f + std::exp(logit - lse[t * S + s]));
-        lerp(float_row(out + t * d, scratch.data() + d), x, mixed + (s * T_ + t) * d, rest, d);
-        store(out + t * d, scratch.data() + d, d);
+        lerp(float_row(out + t * d, scratch + d), x, mixed + (s * T_ + t) * d, rest, d);
+        store(out + t * d, scratch + d, d);
       }
     });
   }
@@ -370,7 +391,7 @@ class Decoder {
   // phase 1's results for the block: mixed [S, T, d] (each column's rows contiguous, so phase 2 reads one
   // stream) and lse [T, S], column k at index k - first
   at::Tensor mixed_, lse_;
-  std::vector<float> q_;
+  std::vector<float> q_, scratch_;  // the queries of a call's columns [S, d]; a decoding-sized call's scratch
   bool reads_parameters_ = false;
 };
 
@@ -645,6 +666,84 @@ std::vector<at::Tensor> train_phase2_backward(const at::Tensor& grad, const at::
   return {grad_mixed, merge, grad_p, grad_q.total(), grad_lse};
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// The decoder's two calls as plain CPython functions bound to it. Inside a decoding step a pybind11 call costs
+// about 6 us, several times the phase it runs: its dispatch code and type tables are cold by then, after a
+// sublayer's ops. A builtin function (METH_FASTCALL) bound to a capsule holding the decoder costs what a
+// torch op's binding does. Errors are raised as torch's are (HANDLE_TH_ERRORS).
+// ------------------------------------------------------------------------------------------------------------
+constexpr const char* kCapsule = "hf_attnres_kernels.Decoder";
+
+Decoder& bound_decoder(PyObject* capsule) {
+  return *static_cast<Decoder*>(PyCapsule_GetPointer(capsule, kCapsule));
+}
+
+int64_t index_argument(PyObject* arg, const char* call) {
+  const long long value = PyLong_AsLongLong(arg);
+  if (value == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    TORCH_CHECK_TYPE(false, "hf_attnres kernels: ", call, " takes integer indices");
+  }
+  return value;
+}
+
+const at::Tensor& tensor_argument(PyObject* arg, const char* call) {
+  TORCH_CHECK_TYPE(THPVariable_Check(arg), "hf_attnres kernels: ", call, " takes tensors");
+  return THPVariable_Unpack(arg);
+}
+
+// phase1(sources: list[Tensor], first: int, last: int) -> Tensor
+PyObject* bound_phase1(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 3 && (PyList_Check(args[0]) || PyTuple_Check(args[0])),
+                   "hf_attnres kernels: phase1(sources: list[Tensor], first: int, last: int)");
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(args[0]);
+  PyObject** items = PySequence_Fast_ITEMS(args[0]);
+  std::vector<at::Tensor> sources;
+  sources.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) sources.push_back(tensor_argument(items[i], "phase1"));
+  const int64_t first = index_argument(args[1], "phase1"), last = index_argument(args[2], "phase1");
+  return THPVariable_Wrap(bound_decoder(capsule).phase1(sources, first, last));
+  END_HANDLE_TH_ERRORS
+}
+
+// phase2(partial: Tensor, column: int, s: int) -> Tensor
+PyObject* bound_phase2(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 3, "hf_attnres kernels: phase2(partial: Tensor, column: int, s: int)");
+  const at::Tensor& partial = tensor_argument(args[0], "phase2");
+  const int64_t column = index_argument(args[1], "phase2"), s = index_argument(args[2], "phase2");
+  return THPVariable_Wrap(bound_decoder(capsule).phase2(partial, column, s));
+  END_HANDLE_TH_ERRORS
+}
+
+template <PyObject* (*call)(PyObject*, PyObject* const*, Py_ssize_t)>
+constexpr PyCFunction fastcall() {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call));
+}
+
+PyMethodDef kBoundCalls[] = {
+    {"phase1", fastcall<bound_phase1>(), METH_FASTCALL, "Decoder.phase1, bound"},
+    {"phase2", fastcall<bound_phase2>(), METH_FASTCALL, "Decoder.phase2, bound"},
+};
+
+// (phase1, phase2) bound to `self`; they keep it alive.
+pybind11::tuple bound_calls(const pybind11::object& self) {
+  Decoder* decoder = self.cast<Decoder*>();
+  pybind11::object capsule = pybind11::reinterpret_steal<pybind11::object>(PyCapsule_New(
+      decoder, kCapsule, [](PyObject* c) { Py_XDECREF(static_cast<PyObject*>(PyCapsule_GetContext(c))); }));
+  if (!capsule) throw pybind11::error_already_set();
+  Py_INCREF(self.ptr());  // the capsule's context, released with it
+  PyCapsule_SetContext(capsule.ptr(), self.ptr());
+  pybind11::tuple calls(2);
+  for (size_t k = 0; k < 2; ++k) {
+    PyObject* call = PyCFunction_New(&kBoundCalls[k], capsule.ptr());
+    if (call == nullptr) throw pybind11::error_already_set();
+    calls[k] = pybind11::reinterpret_steal<pybind11::object>(call);
+  }
+  return calls;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -654,7 +753,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("columns", &Decoder::columns)
       .def_property_readonly("reads_parameters", &Decoder::reads_parameters)
       .def("phase1", &Decoder::phase1, "Phase 1 for query columns [first, last)")
-      .def("phase2", &Decoder::phase2, "Phase 2 for a block's s-th sublayer, query column `column`");
+      .def("phase2", &Decoder::phase2, "Phase 2 for a block's s-th sublayer, query column `column`")
+      .def("bound_calls", &bound_calls, "(phase1, phase2) as builtin functions bound to this decoder (faster calls)");
   m.def("train_phase1", &train_phase1, "_Phase1.forward (see the source)");
   m.def("train_phase1_backward", &train_phase1_backward, "_Phase1.backward");
   m.def("train_phase2", &train_phase2, "_Phase2.forward");

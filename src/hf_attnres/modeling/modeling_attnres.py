@@ -443,7 +443,7 @@ class SourceStack:
 # Fused CPU kernels for Block AttnRes, from the hf_attnres package (hf_attnres.kernels: a module built once with
 # the system's C++ compiler). Without them, or without the package, the same equations run as torch ops:
 # SourceStack's in inference, _Phase1's and _Phase2's under autograd.
-FUSED_ABI = 2  # the kernels' interface this file calls
+FUSED_ABI = 3  # the kernels' interface this file calls
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # per generation (its cache): (model, input shape and dtype, layers) and the FusedSourceStack of its last step
 _FUSED_STACKS: "weakref.WeakKeyDictionary[Cache, tuple]" = weakref.WeakKeyDictionary()
@@ -465,6 +465,9 @@ class FusedSourceStack:
     def __init__(self, decoder, block_size: int, eps: float):
         self.decoder, self.block_size, self.eps = decoder, block_size, eps
         self.final_column = decoder.columns() - 1
+        # its two calls as builtins bound to it: in a decoding step a pybind11 method call costs several times
+        # the phase it runs (see the kernels' source)
+        self._phase1, self._phase2 = decoder.bound_calls()
 
     @classmethod
     def create(cls, kernels, like: torch.Tensor, params: tuple[list[torch.Tensor], list[torch.Tensor]],
@@ -478,14 +481,14 @@ class FusedSourceStack:
         """Phase 1 for `block`: the first sublayer's input as `mixed[0]`; the others' results stay in the kernels."""
         first = block * self.block_size
         last = min(first + self.block_size, self.final_column)
-        first_input = self.decoder.phase1(sources, first, last)
+        first_input = self._phase1(sources, first, last)
         return BlockPhase1(sources, None, self.eps, (first_input,), None, None, {}, False, self, (first,))
 
     def phase2(self, phase1: BlockPhase1, column: int, partial: torch.Tensor):
-        return self.decoder.phase2(partial, phase1.columns[0] + column, column), None
+        return self._phase2(partial, phase1.columns[0] + column, column), None
 
     def final(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, None]:
-        return self.decoder.phase1(sources, self.final_column, self.final_column + 1), None
+        return self._phase1(sources, self.final_column, self.final_column + 1), None
 
 
 def block_phase1(
@@ -708,12 +711,10 @@ class AttnResModel(AttnResPreTrainedModel):
         decoding-sized inputs without a source stack (fewer ops without it), activation checkpointing (phase
         1's outputs would be kept across the block) and parameters not materialised yet. `stack`: see
         `_source_stack`."""
+        if stack is not None:  # (its block size: no config read per block while decoding)
+            return stack.phase1(2 * first_layer // stack.block_size, list(sources), keep_weights)
         size = self.config.sublayers_per_block
-        if size is None or size < 2:
-            return None
-        if stack is not None:
-            return stack.phase1(2 * first_layer // size, list(sources), keep_weights)
-        if _decoding(sources[0]):
+        if size is None or size < 2 or _decoding(sources[0]):
             return None
         if self.gradient_checkpointing and self.training:
             return None
@@ -833,15 +834,17 @@ class AttnResModel(AttnResPreTrainedModel):
         all_hidden, all_attn, depth = [], [], []
         phase1 = None
         layers = list(itertools.islice(self.layers, self.config.num_hidden_layers))  # no ModuleList per token
+        # one config read per forward, not one per layer (a config attribute costs microseconds in transformers 5)
+        layer_masks = [masks[kind] for kind in self.config.layer_types[: len(layers)]]
         stack = self._source_stack(inputs_embeds, layers, output_depth_attentions, past_key_values)
-        for layer in layers:
+        for layer, mask in zip(layers, layer_masks):
             if output_hidden_states:
                 all_hidden.append(sources[0] if len(sources) == 1 else torch.stack(sources).sum(0))
             if layer.block_starts[0]:
                 phase1 = self.block_phase1(layer.layer_idx, sources, stack, output_depth_attentions)
             sources, attn_weights, alphas = layer(
                 *sources,
-                attention_mask=masks[self.config.layer_types[layer.layer_idx]],
+                attention_mask=mask,
                 position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
                 position_ids=position_ids,
