@@ -115,8 +115,8 @@ def phase1_variant(request, monkeypatch):
         return
     fused_kernels()
     calls = []  # (whether the kernels apply: CPU tensors of fp32, bf16 or fp16; the kernels chosen)
-    choose = modeling_attnres._training_kernels
-    monkeypatch.setattr(modeling_attnres, "_training_kernels", lambda like: calls.append(
+    choose = modeling_attnres._cpu_kernels
+    monkeypatch.setattr(modeling_attnres, "_cpu_kernels", lambda like: calls.append(
         (like.device.type == "cpu" and like.dtype in modeling_attnres._FUSED_DTYPES, choose(like))) or calls[-1][1])
     yield request.param
     # the path under test is the one that ran, wherever it applies (Full AttnRes has no two-phase computation)

@@ -162,8 +162,8 @@ def test_fused_training_step_equals_plain_torch(tokens, hidden, monkeypatch):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     calls = []
-    fused = modeling_attnres._training_kernels
-    monkeypatch.setattr(modeling_attnres, "_training_kernels", lambda like: calls.append(fused(like)) or calls[-1])
+    fused = modeling_attnres._cpu_kernels
+    monkeypatch.setattr(modeling_attnres, "_cpu_kernels", lambda like: calls.append(fused(like)) or calls[-1])
     loss, grads = step(True)
     assert calls and all(c is not None for c in calls)
     expected_loss, expected = step(False)

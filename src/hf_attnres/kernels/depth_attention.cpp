@@ -411,6 +411,21 @@ at::Tensor query_rows(const at::Tensor& queries) {
   return queries.t().contiguous();
 }
 
+// A pointer to each row of `rows` (contiguous fp32 [S, d], from query_rows)
+std::vector<const float*> row_pointers(const at::Tensor& rows) {
+  std::vector<const float*> out;
+  for (int64_t j = 0; j < rows.size(0); ++j) out.push_back(rows.const_data_ptr<float>() + j * rows.size(1));
+  return out;
+}
+
+// The per-token shape of `like` (all but its last dimension) followed by `tail`
+std::vector<int64_t> token_shape(const at::Tensor& like, std::initializer_list<int64_t> tail) {
+  const auto lead = like.sizes().slice(0, like.dim() - 1);
+  std::vector<int64_t> out(lead.begin(), lead.end());
+  out.insert(out.end(), tail);
+  return out;
+}
+
 // Per-thread accumulators for a gradient summed over tokens ([threads, size]), and their sum.
 struct ThreadSums {
   at::Tensor sums;
@@ -447,19 +462,13 @@ std::vector<at::Tensor> train_phase1(const at::Tensor& queries, double eps, cons
   const auto qrows = query_rows(queries);
   const int64_t S = qrows.size(0);
   TORCH_CHECK(qrows.size(1) == d, "hf_attnres kernels: queries of size ", d);
-  std::vector<const float*> q;
-  for (int64_t j = 0; j < S; ++j) q.push_back(qrows.const_data_ptr<float>() + j * d);
-  const auto lead = sources[0].sizes().slice(0, sources[0].dim() - 1);
-  auto shape = [&](std::vector<int64_t> tail) {
-    std::vector<int64_t> out(lead.begin(), lead.end());
-    out.insert(out.end(), tail.begin(), tail.end());
-    return out;
-  };
+  const auto q = row_pointers(qrows);
+  const auto& like = sources[0];
+  auto opts = like.options().dtype(at::kFloat);
   std::vector<at::Tensor> mixed;
-  for (int64_t j = 0; j < S; ++j) mixed.push_back(at::empty(shape({d}), sources[0].options().dtype(at::kFloat)));
-  auto opts = sources[0].options().dtype(at::kFloat);
-  auto lse = at::empty(shape({S}), opts), weights = at::empty(shape({n, S}), opts);
-  auto dot = at::empty(shape({n, S}), opts), inv_rms = at::empty(shape({n, 1}), opts);
+  for (int64_t j = 0; j < S; ++j) mixed.push_back(at::empty(like.sizes(), opts));
+  auto lse = at::empty(token_shape(like, {S}), opts), weights = at::empty(token_shape(like, {n, S}), opts);
+  auto dot = at::empty(token_shape(like, {n, S}), opts), inv_rms = at::empty(token_shape(like, {n, 1}), opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values[0].scalar_type(), "hf_attnres train_phase1", [&] {
     train_phase1_impl<scalar_t>(q.data(), S, eps, pointers<const scalar_t>(values), T, d, pointers<float>(mixed),
                                 lse.data_ptr<float>(), weights.data_ptr<float>(), dot.data_ptr<float>(),
@@ -535,10 +544,10 @@ std::vector<at::Tensor> train_phase1_backward(const at::Tensor& queries, const s
               "hf_attnres kernels: phase 1 backward with ", S, " fp32 gradients and ", n, " sources");
   const auto gm = contiguous(grad_mixed, T * d);
   const auto gl = grad_lse.contiguous(), w = weights.contiguous(), dt = dot.contiguous(), r = inv_rms.contiguous();
-  std::vector<const float*> q, g, m;
+  const auto q = row_pointers(qrows);
+  std::vector<const float*> g, m;
   std::vector<at::Tensor> kept;
   for (int64_t j = 0; j < S; ++j) {
-    q.push_back(qrows.const_data_ptr<float>() + j * d);
     g.push_back(gm[j].const_data_ptr<float>());
     if (merged[j].has_value()) {
       kept.push_back(merged[j]->to(at::kFloat).contiguous());
@@ -590,11 +599,8 @@ std::vector<at::Tensor> train_phase2(const at::Tensor& mixed, const at::Tensor& 
   const auto l = lse.to(at::kFloat).contiguous();
   auto h = in_place ? mixed : at::empty_like(m);
   auto opts = m.options();
-  auto lead = partial.sizes().slice(0, partial.dim() - 1);
-  auto beta = at::empty(lead, opts);
-  std::vector<int64_t> col(lead.begin(), lead.end());
-  col.push_back(1);
-  auto dot = at::empty(col, opts), inv_rms = at::empty(col, opts);
+  auto beta = at::empty(token_shape(partial, {}), opts);
+  auto dot = at::empty(token_shape(partial, {1}), opts), inv_rms = at::empty(token_shape(partial, {1}), opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "hf_attnres train_phase2", [&] {
     train_phase2_impl<scalar_t>(m.const_data_ptr<float>(), p.const_data_ptr<scalar_t>(), q.const_data_ptr<float>(),
                                 l.const_data_ptr<float>(), eps, T, d, h.data_ptr<float>(), beta.data_ptr<float>(),
@@ -752,9 +758,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_static("create", &Decoder::create, "The state of a decoding forward, or None (see the source)")
       .def("columns", &Decoder::columns)
       .def_property_readonly("reads_parameters", &Decoder::reads_parameters)
-      .def("phase1", &Decoder::phase1, "Phase 1 for query columns [first, last)")
-      .def("phase2", &Decoder::phase2, "Phase 2 for a block's s-th sublayer, query column `column`")
-      .def("bound_calls", &bound_calls, "(phase1, phase2) as builtin functions bound to this decoder (faster calls)");
+      .def("bound_calls", &bound_calls,
+           "(phase1, phase2) bound to this decoder: phase1(sources, first, last) for query columns [first, last), "
+           "phase2(partial, column, s) for a block's s-th sublayer");
   m.def("train_phase1", &train_phase1, "_Phase1.forward (see the source)");
   m.def("train_phase1_backward", &train_phase1_backward, "_Phase1.backward");
   m.def("train_phase2", &train_phase2, "_Phase2.forward");

@@ -230,9 +230,9 @@ def _dots(x: torch.Tensor, ys: list[torch.Tensor], scratch: torch.Tensor | None 
     return torch.stack([torch.mul(x, y, out=scratch).sum(-1) for y in ys], dim=-1)
 
 
-def _training_kernels(like: torch.Tensor):
-    """hf_attnres's fused CPU kernels for the two phases under autograd, where they apply (CPU tensors of a
-    supported dtype, not under torch.compile), else None."""
+def _cpu_kernels(like: torch.Tensor):
+    """hf_attnres's fused CPU kernels where they apply to `like` (a CPU tensor of a supported dtype, outside
+    torch.compile), else None: for inference (`FusedSourceStack`) and the two phases' autograd functions."""
     if like.device.type != "cpu" or like.dtype not in _FUSED_DTYPES or torch.compiler.is_compiling():
         return None
     return _fused_kernels()
@@ -248,7 +248,7 @@ class _Phase1(torch.autograd.Function):
     def forward(ctx, queries: torch.Tensor, eps: float, merge_dots: dict, *sources: torch.Tensor):
         ctx.merge_dots = merge_dots
         ctx.stacked = sources[0].device.type in PHASE1_STACKED_DEVICES
-        ctx.kernels = _training_kernels(sources[0])
+        ctx.kernels = _cpu_kernels(sources[0])
         if ctx.kernels is not None:  # the same equations token by token (hf_attnres.kernels)
             *mixed, lse, weights, dot, inv_rms = ctx.kernels.train_phase1(queries, eps, list(sources))
         elif ctx.stacked:
@@ -318,7 +318,7 @@ class _Phase2(torch.autograd.Function):
         # phase 1's result is not needed again: merge into it, no new buffer (unless it is not phase 1's own
         # buffer; a view: the stacked phase 1)
         in_place = not (mixed.is_leaf or mixed._is_view())
-        ctx.kernels = _training_kernels(partial)  # `mixed` is phase 1's fp32 result wherever they apply
+        ctx.kernels = _cpu_kernels(partial)  # `mixed` is phase 1's fp32 result wherever they apply
         if ctx.kernels is not None:
             h, beta, dot, inv_rms = ctx.kernels.train_phase2(mixed, partial, query, lse, eps, in_place)
         else:
@@ -735,9 +735,9 @@ class AttnResModel(AttnResPreTrainedModel):
         size = self.config.sublayers_per_block
         if torch.is_grad_enabled() or size is None or size < 2:
             return None
-        if (not keep_weights and inputs_embeds.device.type == "cpu" and inputs_embeds.dtype in _FUSED_DTYPES
-                and not torch.compiler.is_compiling()):
-            stack = self._fused_stack(inputs_embeds, layers, past_key_values)
+        kernels = None if keep_weights else _cpu_kernels(inputs_embeds)
+        if kernels is not None:
+            stack = self._fused_stack(kernels, inputs_embeds, layers, past_key_values)
             if stack is not None:
                 return stack
         params = self._stack_parameters(layers)
@@ -751,16 +751,13 @@ class AttnResModel(AttnResPreTrainedModel):
         aggregation."""
         return query_parameters(_attn_residuals(layers) + [self.final_res])
 
-    def _fused_stack(self, like: torch.Tensor, layers: list[AttnResDecoderLayer], cache: Cache | None):
-        """A `FusedSourceStack`, or None where the kernels or the parameters do not allow one.
+    def _fused_stack(self, kernels, like: torch.Tensor, layers: list[AttnResDecoderLayer], cache: Cache | None):
+        """A `FusedSourceStack` in `kernels`, or None where the parameters do not allow one.
 
         A decoding step reuses the previous step's stack of the same generation (the same cache, grown since,
         and the same input shape): gathering 4 L + 2 parameters from their modules costs about as much per
         token as the depth attention itself. Only a stack that reads the parameters themselves (all fp32) is
         kept, so it sees in-place changes of their values; a new or emptied cache starts a new one."""
-        kernels = _fused_kernels()
-        if kernels is None:
-            return None
         key = (weakref.ref(self), like.shape, like.dtype, len(layers))
         try:  # a cache class that cannot be hashed or weakly referenced gets no reuse
             kept = _FUSED_STACKS.get(cache) if cache is not None else None
