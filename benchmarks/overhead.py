@@ -41,11 +41,16 @@ TARGETS = {"train_step": ("<=", 1.05), "prefill": ("<=", 1.03), "decode_tok_s": 
            "peak_rss_default": None, "saved_activations": ("<=", 1.10)}
 # glibc: a fixed mmap threshold of 64 KiB serves every tensor-sized allocation by mmap and returns it on free
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-# glibc, for the timings: tensors under 32 MiB from the heap, which is never trimmed, so freed memory is reused
-# without page faults, as a caching allocator (PyTorch's on GPU, jemalloc or tcmalloc on CPU) does. With the
-# default (dynamic) thresholds the heap is trimmed and re-faulted depending on the process's history: the
-# same prefill then takes 3K or 300K page faults from one run to the next, mostly inside the MLP.
-STEADY_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+# glibc, for the timings: every tensor from the heap, which is never trimmed, so freed memory is reused without
+# page faults, as a caching allocator (PyTorch's on GPU, jemalloc or tcmalloc on CPU) does. With the default
+# (dynamic) thresholds the heap is trimmed and re-faulted depending on the process's history: the same prefill
+# then takes 3K or 300K page faults from one run to the next, mostly inside the MLP. glibc's mmap threshold
+# stops at 32 MiB, and what is larger is mapped afresh at each allocation unless mmap is off
+# (MALLOC_MMAP_MAX_=0). Without it a training step here faulted in 0.8-2 GB (the 384 MB logits and their
+# gradients, two to four times over, and Block AttnRes's 37 MB phase-1 results): 3-11% of the step in the
+# kernel, varying as much between repeats; with it, none in most steps and under 2% in the kernel.
+STEADY_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40),
+                        "MALLOC_MMAP_MAX_": "0"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -175,7 +180,10 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=6,
-                   help="timed repeats per model and metric (after one warm-up); the order of the models alternates")
+                   help="timed training steps per model (after one warm-up); the order of the models alternates")
+    p.add_argument("--short-repeats", type=int, default=12,
+                   help="timed repeats per model of prefill and of decoding (a run of --new-tokens), after one "
+                        "warm-up: much shorter than a training step, so more of them narrow the medians cheaply")
     p.add_argument("--modes", default="block,full", help="AttnRes modes to compare with Llama")
     p.add_argument("--metrics", default="train_step,prefill,decode_tok_s,peak_mem", help="subset to measure")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -192,7 +200,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.layers, args.hidden, args.intermediate, args.vocab, args.seq, args.new_tokens = 6, 128, 256, 1000, 128, 16
-        args.heads, args.kv_heads, args.repeats = 4, 2, 2
+        args.heads, args.kv_heads, args.repeats, args.short_repeats = 4, 2, 2, 2
     if args.child_peak_mem:
         return child_peak_mem(args.child_peak_mem, args)
     cuda = torch.device(args.device).type == "cuda"
@@ -223,7 +231,7 @@ def main() -> None:
     for metric, timer in timers.items():
         if metric not in metrics:
             continue
-        for rep in range(args.repeats + 1):  # rep 0 warms up
+        for rep in range((args.repeats if metric == "train_step" else args.short_repeats) + 1):  # 0 warms up
             # the order alternates: when the machine drifts (it slowed by 10% per repeat in some runs here), a
             # fixed order charges the drift within each repeat to the model timed second
             order = kinds if rep % 2 else kinds[::-1]
