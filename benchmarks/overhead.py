@@ -1,15 +1,17 @@
 """AttnRes overhead against LlamaForCausalLM with identical dimensions, measured side by side.
 
-Defaults are SmolLM2-135M's dimensions (30 layers, hidden 576, 9/3 heads, intermediate 1536, vocab 49152)
-with random weights, CPU fp32, sdpa, batch 4 x 512. Each metric is timed in its own loop, the models
-interleaved (Llama, block, full, Llama, ...; decoding token by token) so machine noise hits every model alike,
-in an order that alternates from one repeat to the next so a drifting machine favours none; the reported figure
-is the ratio of the medians, and beside it ('paired') the median of each repeat's own ratio. Block AttnRes runs
-on CPU through hf_attnres's fused kernels (built on first use; `--kernels off` times the plain torch ops
-instead). On CPU the timings run with glibc set to reuse freed memory (`--allocator steady`, see
-STEADY_ALLOCATOR_ENV): with its default thresholds, page faults vary tenfold between identical runs and swamp
-the few percent being measured. `--allocator default` times without it. Peak memory of a training step is
-measured in a fresh subprocess per model (weights + activations + gradients + the loss), twice per model:
+Defaults are SmolLM2-135M's dimensions (30 layers, hidden 576, 9/3 heads, intermediate 1536, vocab 49152) with
+random weights, CPU fp32, sdpa, batch 4 x 512. Each metric is timed in its own loop, the models interleaved
+(Llama, block, full, Llama, ...; decoding token by token) so machine noise hits every model alike, in an order
+that alternates from one repeat to the next so a drifting machine favours none; the reported figure is the
+ratio of the medians, and beside it ('paired') the median of each repeat's own ratio with a distribution-free
+95% interval for it (`median_interval`): where that straddles a target, one run cannot tell on which side the
+ratio lies. Block AttnRes runs on CPU through hf_attnres's fused kernels (built on first use; `--kernels off`
+times the plain torch ops instead). On CPU the timings run with glibc set to reuse freed memory (`--allocator
+steady`, see STEADY_ALLOCATOR_ENV): with its default thresholds, page faults vary tenfold between identical
+runs and swamp the few percent being measured. `--allocator default` times without it. Peak memory of a
+training step is measured in a fresh subprocess per model (weights + activations + gradients + the loss),
+twice per model:
 
 - `peak_mem`: peak resident memory with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), so every
   tensor's memory goes back to the OS when freed and the peak is what the step really holds at once, the
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -122,6 +125,18 @@ def decode_tok_s(models: list, prompt, new_tokens: int) -> list[float]:
             elapsed[i] += time.perf_counter() - t
             state[i] = (out.past_key_values, nxt)
     return [new_tokens / e for e in elapsed]
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval holding the median with at least `confidence` (order statistics x_(k) and
+    x_(n+1-k), k the largest with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2), or None for too few values.
+    Where it straddles a target, one run cannot tell which side the ratio is on."""
+    xs, n = sorted(values), len(values)
+    tail, k = 0.0, 0
+    while k < n and tail + math.comb(n, k) / 2**n <= (1 - confidence) / 2:
+        tail += math.comb(n, k) / 2**n
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k else None
 
 
 def peak_rss_child(kind: str, argv: list[str], env: dict[str, str] | None = None) -> float:
@@ -262,7 +277,8 @@ def main() -> None:
             print(f"  peak memory {k}: {peak[k][-1]:.0f} MB (default allocator: {peak_default[k][-1]:.0f} MB)", flush=True)
     results = {}
     print("\nratios AttnRes / Llama of the medians (targets apply to block mode); 'paired': the median of each repeat's "
-          "own ratio, which a machine drifting between repeats moves less:")
+          "own ratio, which a machine drifting between repeats moves less, and [an interval holding that median with "
+          "at least 95% confidence, from the repeats alone]:")
     for k in kinds:
         med = {m: statistics.median(v) if v else float("nan") for m, v in times[k].items()}
         med["peak_mem"] = min(peak[k], default=float("nan"))
@@ -284,9 +300,11 @@ def main() -> None:
                 ok = r <= bound if op == "<=" else r >= bound
                 notes.append(f"{op}{bound} {'ok' if ok else 'MISSED'}")
             if times[k].get(metric):
-                paired = statistics.median(a / b for a, b in zip(times[k][metric], times["llama"][metric]))
+                ratios = [a / b for a, b in zip(times[k][metric], times["llama"][metric])]
+                paired, interval = statistics.median(ratios), median_interval(ratios)
                 results[k][f"{metric}_paired_ratio"] = paired
-                notes.append(f"paired {paired:.3f}")
+                results[k][f"{metric}_paired_interval"] = interval
+                notes.append(f"paired {paired:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""))
             line.append(f"{metric} {r:.3f}" + (f" ({'; '.join(notes)})" if notes else ""))
         print(f"  {k:6s} " + "  ".join(line))
     print("  absolute: " + "; ".join(
