@@ -7,6 +7,9 @@ The kernels' equations are also checked case by case against the literal transcr
 
 import gc
 import logging
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -46,6 +49,54 @@ def test_fused_decoding_equals_plain_torch_and_reuses_its_state(monkeypatch):
     assert max((g - e).abs().max().item() for g, e in zip(got, expected)) < 2e-5
     # one stack for the 7-token prompt, one for all six single-token steps of the same generation
     assert len(kept) == 2 and all(type(k) is modeling_attnres.FusedSourceStack for k in kept)
+
+
+def libstdcxx_symbols(library) -> list[str]:
+    """The symbols of libstdc++'s own runtime (locale, streams, exceptions) that `library` defines."""
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True)
+    return [name for name in (line.split()[-1] for line in symbols.stdout.splitlines())
+            if name.startswith(("_ZNSt6locale", "_ZNSt8ios_base", "_ZNSo", "__cxa_throw", "__gxx_personality"))]
+
+
+needs_nm = pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+
+
+@needs_nm
+def test_kernels_share_the_process_cxx_runtime():
+    """The module links the libstdc++ torch has loaded instead of carrying a copy of its own, as a compiler with a
+    static-only libstdc++ would put in: that copy's locale is never set up, and the kernels' first error message
+    with a number in it crashed the process (GCC 13 in /opt/gcc on the GPU machine, before the fix)."""
+    fused_kernels()
+    library = kernels.build_directory() / f"{kernels.LIBRARY}.so"
+    assert libstdcxx_symbols(library) == []
+
+
+STATIC_RUNTIME_BUILD = """
+import sys
+from pathlib import Path
+import torch
+from hf_attnres import kernels
+kernels.LDFLAGS.append("-static-libstdc++")  # as such a compiler links by default
+module = kernels._compile(Path(sys.argv[1]), verbose=False)
+decoder = module.Decoder.create([torch.randn(16)] * 3, [torch.ones(16)] * 3, 1, 16, 2, 1e-5)
+phase1, phase2 = decoder.bound_calls()
+try:
+    phase2(phase1([torch.randn(1, 1, 16)], 0, 2), 7, 1)
+except RuntimeError as error:
+    print(str(error).splitlines()[0])
+"""
+
+
+@needs_nm
+def test_a_static_libstdcxx_stays_out_of_the_kernels(tmp_path):
+    """The same with the compiler told to link libstdc++ statically: the loaded runtime still resolves every C++
+    symbol, and the error message is whole. Without the fix the module defined 178 of the runtime's symbols here,
+    and the message stopped at the first number ("phase2 of column ")."""
+    fused_kernels()
+    run = subprocess.run([sys.executable, "-c", STATIC_RUNTIME_BUILD, str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert libstdcxx_symbols(tmp_path / f"{kernels.LIBRARY}.so") == []
+    assert run.stdout.strip() == "hf_attnres kernels: phase2 of column 7 (sublayer 1 of its block)"
 
 
 def test_bound_calls_check_their_arguments_and_keep_their_decoder():

@@ -37,7 +37,25 @@ LIBRARY = "hf_attnres_kernels"
 # so both share one thread pool. Elsewhere they run on the calling thread.
 OPENMP = bool(getattr(torch._C, "has_openmp", False))
 CFLAGS = ["-O3", "-fopenmp" if OPENMP else "-fopenmp-simd"]
-LDFLAGS = ["-fopenmp"] if OPENMP else []
+
+
+def _cxx_runtime() -> list[str]:
+    """Link flags naming the C++ runtime this process has loaded (torch's libstdc++), on Linux.
+
+    A compiler whose libstdc++ is static only (/opt/gcc's GCC 13 on the GPU machine here) otherwise links a copy
+    of it into the module, a second C++ runtime in the process whose stream locale is its own and never set up:
+    the kernels' first error message with a number in it crashed the process there. Named ahead of the
+    compiler's own `-lstdc++`, the loaded library resolves every C++ symbol, and nothing of a copy is linked in.
+    """
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:  # not Linux: the compiler's default
+        return []
+    loaded = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    return sorted(loaded)[:1]  # the library's path: the linker records its soname, libstdc++.so.6
+
+
+LDFLAGS = [*_cxx_runtime(), *(["-fopenmp"] if OPENMP else [])]
 
 _module: ModuleType | None = None
 _tried = False  # whether `load()` ran in this process: a failed build is not retried
@@ -52,7 +70,7 @@ def build_directory() -> Path:
     """Where the library for this torch version and kernel source lives: a new source or torch gets its own."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     root = Path(os.environ.get("HF_ATTNRES_CACHE") or cache / "hf_attnres")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:12]
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     return root / "kernels" / f"torch-{torch.__version__}-{python}-{digest}"
 
@@ -67,9 +85,9 @@ def _compile(directory: Path, verbose: bool) -> ModuleType:
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     except ImportError:
         pass
-    return jit_load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                    build_directory=str(directory),
-                    verbose=verbose)
+    # copies of the flags: it appends to its arguments, and build_directory() reads them
+    return jit_load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                    build_directory=str(directory), verbose=verbose)
 
 
 def _import(library: Path) -> ModuleType:
