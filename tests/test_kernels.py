@@ -36,7 +36,7 @@ def decode(model, ids: torch.Tensor, steps: int, change_at: int | None = None) -
 @torch.no_grad()
 def test_fused_decoding_equals_plain_torch_and_reuses_its_state(monkeypatch):
     fused_kernels()
-    model = tiny_attnres("block", num_hidden_layers=5, attn_res_block_size=4)
+    model = _routed_model()
     ids = token_ids(batch=2, seq=7)
     with without_fused_kernels():
         expected = decode(model, ids, 6)
@@ -78,7 +78,7 @@ import torch
 from hf_attnres import kernels
 kernels.LDFLAGS.append("-static-libstdc++")  # as such a compiler links by default
 module = kernels._compile(Path(sys.argv[1]), verbose=False)
-decoder = module.Decoder.create([torch.randn(16)] * 3, [torch.ones(16)] * 3, 1, 16, 2, 1e-5)
+decoder = module.Decoder.create([torch.randn(16)] * 3, [torch.ones(16)] * 3, [], [], 1, 16, 2, 1e-5)
 phase1, phase2 = decoder.bound_calls()
 try:
     phase2(phase1([torch.randn(1, 1, 16)], 0, 2), 7, 1)
@@ -104,7 +104,7 @@ def test_bound_calls_check_their_arguments_and_keep_their_decoder():
     raise a clear TypeError or the kernels' own check, and the calls outlive every other reference to it."""
     module, d = fused_kernels(), 16
     queries, gammas = [torch.randn(d) for _ in range(3)], [torch.ones(d) for _ in range(3)]
-    decoder = module.Decoder.create(queries, gammas, 1, d, 2, 1e-5)
+    decoder = module.Decoder.create(queries, gammas, [], [], 1, d, 2, 1e-5)
     phase1, phase2 = decoder.bound_calls()
     del decoder
     gc.collect()
@@ -141,7 +141,7 @@ def test_fused_half_precision_within_plain_torch_floor(dtype):
     """In bf16/fp16 the kernels compute in fp32 and round h once, as the plain-torch path does. Noise floor:
     that path's own error against the fp32 model; the kernels may not exceed it by more than half again."""
     fused_kernels()
-    model = tiny_attnres("block", num_hidden_layers=5, attn_res_block_size=4)
+    model = _routed_model()
     ids = token_ids(seq=9)
     reference = model(ids).logits
     half = model.to(dtype)
@@ -168,12 +168,13 @@ def test_depth_weights_do_not_use_the_kernels_and_autograd_has_no_source_stack(m
 
 
 def _routed_model(hidden: int = 64):
-    """A block model whose routing is far from uniform (random queries and key-norm weights). A hidden size
+    """A block model whose routing is far from uniform (random queries and key-norm weights), with random
+    weights in the RMSNorms that read the depth attention (which the kernels apply in inference). A hidden size
     that is not a multiple of 16 takes the kernels' loops past their 16-lane vectors."""
     model = tiny_attnres("block", num_hidden_layers=5, attn_res_block_size=4, hidden_size=hidden)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "key_norm" in name:
+            if "norm" in name:  # key_norm, input_layernorm, post_attention_layernorm, the final norm
                 p.uniform_(0.5, 1.5)
     return model
 
@@ -188,9 +189,44 @@ def test_fused_prefill_split_over_threads_equals_plain_torch(hidden):
     with without_fused_kernels():
         expected = model(ids).logits
     stack = model.model._source_stack(model.model.embed_tokens(ids), list(model.model.layers), False)
-    assert type(stack) is modeling_attnres.FusedSourceStack
+    assert type(stack) is modeling_attnres.FusedSourceStack and stack.normed
     # fp32 rounding of two summation orders; the logits are O(1)
     assert (model(ids).logits - expected).abs().max() < 2e-5
+
+
+@torch.no_grad()
+def test_reading_norms_run_themselves_where_they_must(monkeypatch):
+    """The kernels apply the RMSNorms that read the depth attention only where nothing can tell: a norm with a
+    hook, any global module hook, or a patched LlamaRMSNorm forward (as kernel libraries patch it) runs as a
+    module, and the logits follow what it computes."""
+    fused_kernels()
+    model = _routed_model()
+    ids = token_ids(batch=2, seq=80)
+    embeds, layers = model.model.embed_tokens(ids), list(model.model.layers)
+
+    def normed() -> bool:
+        return model.model._source_stack(embeds, layers, False).normed
+
+    with without_fused_kernels():
+        expected = model(ids).logits
+    assert normed()
+    calls = []
+    handle = layers[2].post_attention_layernorm.register_forward_hook(lambda m, a, out: calls.append(out))
+    assert not normed()
+    assert (model(ids).logits - expected).abs().max() < 2e-5 and len(calls) == 1
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: None)
+    assert not normed()
+    handle.remove()
+    assert normed()
+
+    forward = modeling_attnres.LlamaRMSNorm.forward
+    monkeypatch.setattr(modeling_attnres.LlamaRMSNorm, "forward", lambda self, x: 2 * forward(self, x))
+    assert not normed()
+    with without_fused_kernels():
+        patched = model(ids).logits
+    assert (patched - expected).abs().max() > 1e-2  # the patch matters
+    assert (model(ids).logits - patched).abs().max() < 2e-5
 
 
 @pytest.mark.parametrize("tokens, hidden", [((2, 9), 64), ((3, 150), 64), ((3, 150), 40)],

@@ -3,7 +3,8 @@
 The kernels do each block's phase 1 and each sublayer's phase 2 in one call, forward and backward. Decoding
 runs the depth attention once per sublayer on a single token, where every PyTorch op's fixed cost is the whole
 cost; on a prompt or a training batch the cost is memory traffic, and the kernels read each token's rows once
-per call where the plain ops read every tensor once per op. The modeling code (also a Hub folder's copy of it,
+per call where the plain ops read every tensor once per op. In inference they also apply the RMSNorm that reads
+each result (see `fusable_norms` in the modeling code). The modeling code (also a Hub folder's copy of it,
 once this package is imported) asks `get()` for them on CPU (inference without depth weights, and the two
 phases' autograd functions), and otherwise runs the same equations as plain torch ops, so a Hub folder needs
 none of this.

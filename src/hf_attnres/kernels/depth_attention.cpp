@@ -15,6 +15,11 @@
 // model's dtype. Built by hf_attnres.kernels with the system's C++ compiler into a Python module (pybind11,
 // not torch.ops: a custom op called from Python costs several times a pybind11 call, about as much as the ops
 // it replaces). Decoding calls its two phases through plain CPython functions instead (see bound_calls).
+//
+// In inference a sublayer's input h is read only by its RMSNorm (input_layernorm, post_attention_layernorm,
+// and the final norm after the final aggregation), so the kernels can hand back RMSNorm(h) instead of h (see
+// `reading_norm`): h then never leaves the L1 cache, and the norm's four eager ops (each a pass over [tokens, d]
+// on a prompt, a few microseconds of fixed cost per token when decoding) are gone.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -34,7 +39,7 @@
 #include <vector>
 
 // Bump with any change of the interface or its meaning: the modeling code asks for the version it knows.
-constexpr int ABI = 3;
+constexpr int ABI = 4;
 
 namespace {
 
@@ -110,6 +115,15 @@ VECTOR_CLONES float dots(const float* x, const float* const* rows, int64_t K, in
   return square;
 }
 
+// |x|^2
+VECTOR_CLONES float square_sum(const float* x, int64_t d) {
+  const int64_t body = d - d % kLanes;
+  float square;
+  dot_lanes<1>(x, &x, body, &square);
+  for (int64_t j = body; j < d; ++j) square += x[j] * x[j];
+  return square;
+}
+
 // h = sum_i c[i] rows[i] over `count` rows (accumulate: h += ...), each kLanes-wide slice of h summed in a
 // register and stored once, not once per row.
 VECTOR_CLONES void mix(float* h, const float* c, const float* const* rows, int64_t count, int64_t d, bool accumulate) {
@@ -124,6 +138,18 @@ VECTOR_CLONES void mix(float* h, const float* c, const float* const* rows, int64
     for (int64_t i = 0; i < count; ++i) acc += c[i] * rows[i][j];
     h[j] = acc;
   }
+}
+
+// RMSNorm as transformers' LlamaRMSNorm computes it from h in the model's dtype (scalar_t): in fp32,
+// y = g * (h * (1 / sqrt(mean(h^2) + eps))), the product with g in scalar_t. `h` is the fp32 row the kernel
+// computed (overwritten by h rounded to scalar_t).
+template <typename scalar_t>
+void reading_norm(float* h, const float* g, float eps, int64_t d, scalar_t* out) {
+  if constexpr (!std::is_same_v<scalar_t, float>)
+    for (int64_t j = 0; j < d; ++j) h[j] = static_cast<float>(static_cast<scalar_t>(h[j]));
+  const float r = 1.f / std::sqrt(square_sum(h, d) / static_cast<float>(d) + eps);
+  for (int64_t j = 0; j < d; ++j)
+    out[j] = static_cast<scalar_t>(g[j] * static_cast<float>(static_cast<scalar_t>(h[j] * r)));
 }
 
 // q = w * g * scale
@@ -246,43 +272,61 @@ void token_softmax(const float* const* x, int64_t n, const float* const* q, int6
   }
 }
 
-// The state of one decoding forward: the pseudo-queries and key-norm weights of every query column, and
-// phase 1's results for the current block (mixed [T, S, d], lse [T, S]) that its sublayers' phase 2 reads.
+// The state of one inference forward: the pseudo-queries and key-norm weights of every query column (with the
+// weights and epsilons of the RMSNorms that read the columns' results, where it applies them), and phase 1's
+// results for the current block (mixed [T, S, d], lse [T, S]) that its sublayers' phase 2 reads.
 class Decoder {
  public:
-  Decoder(std::vector<at::Tensor> w, std::vector<at::Tensor> gamma, int64_t tokens, int64_t d, int64_t block_size,
-          double eps)
-      : w_(std::move(w)), gamma_(std::move(gamma)), T_(tokens), d_(d), S_(block_size),
+  Decoder(std::vector<at::Tensor> w, std::vector<at::Tensor> gamma, std::vector<at::Tensor> norm_weight,
+          std::vector<double> norm_eps, int64_t tokens, int64_t d, int64_t block_size, double eps)
+      : w_(std::move(w)), gamma_(std::move(gamma)), norm_weight_(std::move(norm_weight)),
+        norm_eps_(std::move(norm_eps)), T_(tokens), d_(d), S_(block_size),
         floor2_(static_cast<float>(d * eps)), scale_(static_cast<float>(std::sqrt(static_cast<double>(d)))),
         mixed_(at::detail::empty_cpu({block_size, tokens, d}, at::kFloat)),
         lse_(at::detail::empty_cpu({tokens, block_size}, at::kFloat)), q_(static_cast<size_t>(block_size * d)) {}
 
   // nullptr (None) where a parameter is not plain: the caller takes the eager path, which has its own checks.
+  // With `norm_weight` and `norm_eps` (one per column, or both empty) the calls return RMSNorm(h), not h.
   static std::unique_ptr<Decoder> create(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& gamma,
-                                         int64_t tokens, int64_t d, int64_t block_size, double eps) {
+                                         const std::vector<at::Tensor>& norm_weight,
+                                         const std::vector<double>& norm_eps, int64_t tokens, int64_t d,
+                                         int64_t block_size, double eps) {
     TORCH_CHECK(!w.empty() && w.size() == gamma.size() && block_size >= 1 && tokens >= 1,
                 "hf_attnres kernels: one key-norm weight per pseudo-query, and a block size");
-    std::vector<at::Tensor> w32, g32;
+    TORCH_CHECK(norm_weight.size() == norm_eps.size() && (norm_weight.empty() || norm_weight.size() == w.size()),
+                "hf_attnres kernels: no reading norms, or a weight and an epsilon for each of the ", w.size(),
+                " columns");
+    std::vector<at::Tensor> w32, g32, n32;
     bool reads_parameters = true;
+    const auto keep = [&](std::vector<at::Tensor>& kept, const at::Tensor& parameter) {
+      kept.push_back(fp32(parameter));
+      reads_parameters = reads_parameters && kept.back().is_same(parameter);
+    };
     for (size_t k = 0; k < w.size(); ++k) {
       if (!plain(w[k], d) || !plain(gamma[k], d)) return nullptr;
-      w32.push_back(fp32(w[k]));
-      g32.push_back(fp32(gamma[k]));
-      reads_parameters = reads_parameters && w32.back().is_same(w[k]) && g32.back().is_same(gamma[k]);
+      keep(w32, w[k]);
+      keep(g32, gamma[k]);
     }
-    auto decoder = std::make_unique<Decoder>(std::move(w32), std::move(g32), tokens, d, block_size, eps);
+    for (const auto& weight : norm_weight) {
+      if (!plain(weight, d)) return nullptr;
+      keep(n32, weight);
+    }
+    auto decoder = std::make_unique<Decoder>(std::move(w32), std::move(g32), std::move(n32), norm_eps, tokens, d,
+                                             block_size, eps);
     decoder->reads_parameters_ = reads_parameters;
     return decoder;
   }
 
   int64_t columns() const { return static_cast<int64_t>(w_.size()); }
+  // whether its calls return RMSNorm(h) (the reading norms' weights were given)
+  bool normalises() const { return !norm_weight_.empty(); }
   // whether it reads the parameters themselves (fp32, contiguous), not copies: then it sees in-place changes
   bool reads_parameters() const { return reads_parameters_; }
 
   // Phase 1 for query columns [first, last) over the completed sources: softmax over them of
   // q_k . v_i / sqrt(|v_i|^2 + d eps), and the weighted sum of their raw values. Keeps the results of columns
   // first+1 .. last-1 for phase 2 and returns the first one's (the block's first sublayer reads it as is) as a
-  // tensor of its own. With [first, last) = [K-1, K] it is the final aggregation.
+  // tensor of its own, or its RMSNorm (`normalises`). With [first, last) = [K-1, K] it is the final aggregation.
   at::Tensor phase1(const std::vector<at::Tensor>& sources, int64_t first, int64_t last) {
     const int64_t n = static_cast<int64_t>(sources.size());
     TORCH_CHECK(n >= 1 && 0 <= first && first < last && last <= columns() && last - first <= S_,
@@ -296,7 +340,7 @@ class Decoder {
   }
 
   // Phase 2 for the block's s-th sublayer (query column `column`): the online-softmax merge of its partial sum
-  // p, h = lerp(p, mixed_s, 1 - beta) with 1 - beta = sigmoid(lse_s - q . p / sqrt(|p|^2 + d eps)).
+  // p, h = lerp(p, mixed_s, 1 - beta) with 1 - beta = sigmoid(lse_s - q . p / sqrt(|p|^2 + d eps)); or RMSNorm(h).
   at::Tensor phase2(const at::Tensor& partial, int64_t column, int64_t s) {
     TORCH_CHECK(partial.device().is_cpu() && partial.numel() == T_ * d_ && 0 < s && s < S_ && 0 <= column &&
                     column < columns(),
@@ -313,6 +357,7 @@ class Decoder {
   void prefetch_query(int64_t column) {
     prefetch(w_[column].const_data_ptr<float>(), d_ * sizeof(float));
     prefetch(gamma_[column].const_data_ptr<float>(), d_ * sizeof(float));
+    if (normalises()) prefetch(norm_weight_[column].const_data_ptr<float>(), d_ * sizeof(float));
   }
 
   // q_column into q (read once per call: the parameters are cold by then)
@@ -343,6 +388,7 @@ class Decoder {
     }
     float* mixed = mixed_.data_ptr<float>();
     float* lse = lse_.data_ptr<float>();
+    const float* norm = normalises() ? norm_weight_[first].const_data_ptr<float>() : nullptr;
     over_tokens(T_, n * K + n + (n + 1) * d, scratch_, [&](int64_t begin, int64_t end, float* buffer) {
       // a: the logits, then the softmax weights alpha_{i -> k}; x: the token's sources as fp32
       float *a = buffer, *alpha = a + n * K, *scratch = alpha + n;
@@ -351,11 +397,14 @@ class Decoder {
         for (int64_t i = 0; i < n; ++i) x[i] = as_float(v[i] + t * d, d, scratch + i * d);
         token_softmax(x.data(), n, rows.data(), K, d, 1.f, floor2_, a, lse + t * S);
         for (int64_t k = 0; k < K; ++k) {  // column 0 goes to `out`, the others stay for phase 2
-          float* h = k == 0 ? float_row(out + t * d, scratch + n * d) : mixed + (k * T_ + t) * d;
+          float* h = k > 0 ? mixed + (k * T_ + t) * d : norm ? scratch + n * d : float_row(out + t * d, scratch + n * d);
           for (int64_t i = 0; i < n; ++i) alpha[i] = a[i * K + k];
           mix(h, alpha, x.data(), n, d, false);
         }
-        store(out + t * d, scratch + n * d, d);
+        if (norm)
+          reading_norm(scratch + n * d, norm, norm_eps_[first], d, out + t * d);
+        else
+          store(out + t * d, scratch + n * d, d);
       }
     });
   }
@@ -372,6 +421,7 @@ class Decoder {
     }
     query(column, q_.data());
     const float* q = q_.data();
+    const float* norm = normalises() ? norm_weight_[column].const_data_ptr<float>() : nullptr;
     over_tokens(T_, 2 * d, scratch_, [&](int64_t begin, int64_t end, float* scratch) {
       for (int64_t t = begin; t < end; ++t) {
         const float* x = as_float(p + t * d, d, scratch);
@@ -379,13 +429,19 @@ class Decoder {
         const float square = dots(x, &q, 1, d, &dot);
         const float logit = dot / std::sqrt(square + floor2_);
         const float rest = 1.f / (1.f + std::exp(logit - lse[t * S + s]));
-        lerp(float_row(out + t * d, scratch + d), x, mixed + (s * T_ + t) * d, rest, d);
-        store(out + t * d, scratch + d, d);
+        float* h = norm ? scratch + d : float_row(out + t * d, scratch + d);
+        lerp(h, x, mixed + (s * T_ + t) * d, rest, d);
+        if (norm)
+          reading_norm(h, norm, norm_eps_[column], d, out + t * d);
+        else
+          store(out + t * d, h, d);
       }
     });
   }
 
   std::vector<at::Tensor> w_, gamma_;  // fp32, per query column
+  std::vector<at::Tensor> norm_weight_;  // fp32, per query column: the RMSNorm reading its result (or none)
+  std::vector<double> norm_eps_;
   int64_t T_, d_, S_;
   float floor2_, scale_;
   // phase 1's results for the block: mixed [S, T, d] (each column's rows contiguous, so phase 2 reads one
@@ -757,6 +813,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Decoder>(m, "Decoder")
       .def_static("create", &Decoder::create, "The state of a decoding forward, or None (see the source)")
       .def("columns", &Decoder::columns)
+      .def_property_readonly("normalises", &Decoder::normalises)
       .def_property_readonly("reads_parameters", &Decoder::reads_parameters)
       .def("bound_calls", &bound_calls,
            "(phase1, phase2) bound to this decoder: phase1(sources, first, last) for query columns [first, last), "

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -212,6 +213,7 @@ class BlockPhase1:
     # with a SourceStack: per sublayer (its query [d, 1], scaled as the stack's; lse [..., 1]); with a
     # FusedSourceStack: (the block's first query column,), its results staying in the kernels
     columns: tuple = ()
+    normed: bool = False  # whether `mixed[0]` and phase 2's results come through the sublayers' RMSNorms already
 
 
 # Devices where phase 1 in training stacks the block's sources into one [tokens, n, d] tensor and uses batched
@@ -367,6 +369,8 @@ class SourceStack:
     source at every sublayer.
     """
 
+    normed = False  # its results are h; the sublayers' RMSNorms read them
+
     def __init__(self, like: torch.Tensor, queries: torch.Tensor, block_size: int, eps: float):
         d = like.shape[-1]
         self.queries = queries  # [d, L + 1]: every sublayer's effective query, then the final aggregation's
@@ -443,7 +447,7 @@ class SourceStack:
 # Fused CPU kernels for Block AttnRes, from the hf_attnres package (hf_attnres.kernels: a module built once with
 # the system's C++ compiler). Without them, or without the package, the same equations run as torch ops:
 # SourceStack's in inference, _Phase1's and _Phase2's under autograd.
-FUSED_ABI = 3  # the kernels' interface this file calls
+FUSED_ABI = 4  # the kernels' interface this file calls
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # per generation (its cache): (model, input shape and dtype, layers) and the FusedSourceStack of its last step
 _FUSED_STACKS: "weakref.WeakKeyDictionary[Cache, tuple]" = weakref.WeakKeyDictionary()
@@ -460,10 +464,12 @@ class FusedSourceStack:
     phase 1 and one per sublayer for phase 2. Nothing is stacked or precomputed: on one token, with the
     decoder's weights streaming through the caches between calls, reading each source and each query once
     when needed is cheaper than any copy; on a prompt, so is reading each token's sources once per block
-    (see the kernels' source)."""
+    (see the kernels' source). Where the RMSNorms reading the results allow it (`fusable_norms`), the calls
+    return RMSNorm(h) (`normed`): h is read by nothing else in inference."""
 
     def __init__(self, decoder, block_size: int, eps: float):
         self.decoder, self.block_size, self.eps = decoder, block_size, eps
+        self.normed = decoder.normalises
         self.final_column = decoder.columns() - 1
         # its two calls as builtins bound to it: in a decoding step a pybind11 method call costs several times
         # the phase it runs (see the kernels' source)
@@ -471,10 +477,12 @@ class FusedSourceStack:
 
     @classmethod
     def create(cls, kernels, like: torch.Tensor, params: tuple[list[torch.Tensor], list[torch.Tensor]],
-               block_size: int, eps: float) -> "FusedSourceStack | None":
-        """The stack for a forward on `like`, or None where a parameter is not a plain tensor on the CPU."""
+               norms: tuple[list[torch.Tensor], list[float]], block_size: int, eps: float) -> "FusedSourceStack | None":
+        """The stack for a forward on `like`, or None where a parameter is not a plain tensor on the CPU.
+        `norms`: the weights and epsilons of the RMSNorms reading each query column's result, or two empty
+        lists (the stack then returns h)."""
         d = like.shape[-1]
-        decoder = kernels.Decoder.create(*params, like.numel() // d, d, block_size, eps)
+        decoder = kernels.Decoder.create(*params, *norms, like.numel() // d, d, block_size, eps)
         return None if decoder is None else cls(decoder, block_size, eps)
 
     def phase1(self, block: int, sources: list[torch.Tensor], keep_weights: bool) -> BlockPhase1:
@@ -482,13 +490,26 @@ class FusedSourceStack:
         first = block * self.block_size
         last = min(first + self.block_size, self.final_column)
         first_input = self._phase1(sources, first, last)
-        return BlockPhase1(sources, None, self.eps, (first_input,), None, None, {}, False, self, (first,))
+        return BlockPhase1(sources, None, self.eps, (first_input,), None, None, {}, False, self, (first,), self.normed)
 
     def phase2(self, phase1: BlockPhase1, column: int, partial: torch.Tensor):
         return self._phase2(partial, phase1.columns[0] + column, column), None
 
     def final(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, None]:
         return self._phase1(sources, self.final_column, self.final_column + 1), None
+
+
+_RMSNORM_FORWARD = LlamaRMSNorm.forward
+
+
+def fusable_norms(norms: list[nn.Module], like: torch.Tensor) -> bool:
+    """Whether the fused kernels may apply `norms` themselves: each runs transformers' own LlamaRMSNorm forward
+    (not a patched one), has no hooks (a hook must see its call) and a weight of `like`'s dtype (the output's
+    dtype would differ otherwise). From the modules' own dicts, as `query_parameters`: decoding asks per token."""
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return False
+    return all(type(norm).forward is _RMSNORM_FORWARD and not norm._forward_hooks and not norm._forward_pre_hooks
+               and norm._parameters["weight"].dtype == like.dtype for norm in norms)
 
 
 def block_phase1(
@@ -503,24 +524,26 @@ def block_phase1(
 
 
 def two_phase_attention(
-    phase1: BlockPhase1, column: int, partial: torch.Tensor | None
+    phase1: BlockPhase1, column: int, partial: torch.Tensor | None, norm: nn.Module
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Depth attention of the block's `column`-th sublayer: phase 1's result merged with the partial sum.
-    Returns (h, alpha), alpha None unless `phase1.keep_weights`."""
+    Returns (norm(h), alpha), alpha None unless `phase1.keep_weights`."""
+    dtype = phase1.sources[0].dtype
     if partial is None:  # the block's first sublayer: every source is complete
-        mixed = _to(phase1.mixed[column], phase1.sources[0].dtype)
-        return mixed, phase1.weights[..., column] if phase1.keep_weights else None
-    if phase1.stack is not None:  # inference
+        h, beta = phase1.mixed[column], None
+    elif phase1.stack is not None:  # inference
         h, beta = phase1.stack.phase2(phase1, column, partial)
     else:
         mixed, query, lse = phase1.mixed[column], phase1.queries[:, column], phase1.lse[..., column]
         h, beta = _Phase2.apply(mixed, partial, query, lse, phase1.weights[..., column], phase1.eps,
                                 phase1.merge_dots, column, *phase1.sources)
+    x = h if phase1.normed else norm(_to(h, dtype))
     if not phase1.keep_weights:
-        return _to(h, partial.dtype), None
+        return x, None
     weights = phase1.weights[..., column]
-    alpha = torch.cat([weights * (1 - beta).unsqueeze(-1), beta.unsqueeze(-1)], dim=-1)
-    return _to(h, partial.dtype), alpha
+    if beta is None:
+        return x, weights
+    return x, torch.cat([weights * (1 - beta).unsqueeze(-1), beta.unsqueeze(-1)], dim=-1)
 
 
 class AttnResidual(nn.Module):
@@ -579,13 +602,17 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         self.block_columns = (attn_sublayer % size, mlp_sublayer % size)  # position within the block
 
     def _sublayer_input(self, sublayer: int, blocks: list, partial: torch.Tensor, phase1: BlockPhase1 | None):
+        """RMSNorm(h) for the sublayer (0: attention, 1: MLP), h = AttnRes(blocks, partial), and its depth
+        weights alpha (or None). The norm is applied here: a fused source stack hands back RMSNorm(h) itself."""
+        norm = self.input_layernorm if sublayer == 0 else self.post_attention_layernorm
         if phase1 is not None:  # Block AttnRes: phase 1 saw every source but this block's partial sum
             column = self.block_columns[sublayer]
-            return two_phase_attention(phase1, column, None if column == 0 else partial)
+            return two_phase_attention(phase1, column, None if column == 0 else partial, norm)
         attn_res = self.self_attn_res if sublayer == 0 else self.mlp_res
         if attn_res is None:  # standard residual: the sublayer reads the running sum itself
-            return partial, None
-        return attn_res(blocks + [partial])
+            return norm(partial), None
+        h, alpha = attn_res(blocks + [partial])
+        return norm(h), alpha
 
     def forward(
         self,
@@ -600,12 +627,12 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         (see `AttnResModel.block_phase1`); without it each sublayer attends over all its sources itself."""
         blocks, partial = list(sources[:-1]), sources[-1]
 
-        # attention sublayer: h = AttnRes(blocks, partial); at a block boundary the partial sum is closed
-        h, attn_alpha = self._sublayer_input(0, blocks, partial, phase1)
+        # attention sublayer: x = RMSNorm(AttnRes(blocks, partial)); at a block boundary the partial sum is closed
+        x, attn_alpha = self._sublayer_input(0, blocks, partial, phase1)
         if self.block_starts[0]:
             blocks, partial = blocks + [partial], None
         attn_out, attn_weights = self.self_attn(
-            hidden_states=self.input_layernorm(h),
+            hidden_states=x,
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
             past_key_values=past_key_values,
@@ -614,10 +641,10 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         partial = attn_out if partial is None else partial + attn_out
 
         # MLP sublayer, the same way
-        h, mlp_alpha = self._sublayer_input(1, blocks, partial, phase1)
+        x, mlp_alpha = self._sublayer_input(1, blocks, partial, phase1)
         if self.block_starts[1]:
             blocks, partial = blocks + [partial], None
-        mlp_out = self.mlp(self.post_attention_layernorm(h))
+        mlp_out = self.mlp(x)
         partial = mlp_out if partial is None else partial + mlp_out
 
         return (*blocks, partial), attn_weights, (attn_alpha, mlp_alpha)
@@ -751,6 +778,11 @@ class AttnResModel(AttnResPreTrainedModel):
         aggregation."""
         return query_parameters(_attn_residuals(layers) + [self.final_res])
 
+    def _reading_norms(self, layers: list[AttnResDecoderLayer]) -> list[LlamaRMSNorm]:
+        """The RMSNorm reading each query column's result, in `_stack_parameters`'s order (see `_attn_residuals`)."""
+        names = ("input_layernorm", "post_attention_layernorm")
+        return [layer._modules[name] for layer in layers for name in names] + [self._modules["norm"]]
+
     def _fused_stack(self, kernels, like: torch.Tensor, layers: list[AttnResDecoderLayer], cache: Cache | None):
         """A `FusedSourceStack` in `kernels`, or None where the parameters do not allow one.
 
@@ -758,14 +790,18 @@ class AttnResModel(AttnResPreTrainedModel):
         and the same input shape): gathering 4 L + 2 parameters from their modules costs about as much per
         token as the depth attention itself. Only a stack that reads the parameters themselves (all fp32) is
         kept, so it sees in-place changes of their values; a new or emptied cache starts a new one."""
-        key = (weakref.ref(self), like.shape, like.dtype, len(layers))
+        norms = self._reading_norms(layers)
+        fused_norms = fusable_norms(norms, like)
+        key = (weakref.ref(self), like.shape, like.dtype, len(layers), fused_norms)
         try:  # a cache class that cannot be hashed or weakly referenced gets no reuse
             kept = _FUSED_STACKS.get(cache) if cache is not None else None
         except TypeError:
             kept, cache = None, None
         if kept is not None and kept[0] == key and cache.get_seq_length() > 0:
             return kept[1]
-        stack = FusedSourceStack.create(kernels, like, self._stack_parameters(layers),
+        norm_parameters = ([n._parameters["weight"] for n in norms], [n.variance_epsilon for n in norms]) if (
+            fused_norms) else ([], [])
+        stack = FusedSourceStack.create(kernels, like, self._stack_parameters(layers), norm_parameters,
                                         self.config.sublayers_per_block, self.final_res.key_norm.variance_epsilon)
         # kept for decoding steps only: a prompt's stack holds its phase-1 buffer, [S, tokens, d]
         if cache is not None and stack is not None and stack.decoder.reads_parameters and _decoding(like):
@@ -854,11 +890,12 @@ class AttnResModel(AttnResPreTrainedModel):
                 depth.extend(a for a in alphas if a is not None)
 
         if self.final_res is None:
-            hidden_states = sources[-1]
+            hidden_states = self.norm(sources[-1])
         else:
             hidden_states, final_alpha = (self.final_res if stack is None else stack.final)(list(sources))
             depth.append(final_alpha)
-        hidden_states = self.norm(hidden_states)
+            if stack is None or not stack.normed:
+                hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden.append(hidden_states)
 
