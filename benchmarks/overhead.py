@@ -57,6 +57,13 @@ STEADY_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def steady_allocator(script: str) -> None:
+    """Run `script` again with STEADY_ALLOCATOR_ENV unless this process has it: glibc reads it only at start."""
+    steady = {k: v for k, v in STEADY_ALLOCATOR_ENV.items() if os.environ.get(k) != v}
+    if steady:
+        os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]], {**os.environ, **steady})
+
+
 def build(kind: str, args) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -219,9 +226,8 @@ def main() -> None:
     if args.child_peak_mem:
         return child_peak_mem(args.child_peak_mem, args)
     cuda = torch.device(args.device).type == "cuda"
-    steady = {k: v for k, v in STEADY_ALLOCATOR_ENV.items() if os.environ.get(k) != v}
-    if not cuda and args.allocator == "steady" and steady:  # glibc reads these at start: run again with them
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **steady})
+    if not cuda and args.allocator == "steady":
+        steady_allocator(__file__)
 
     if args.kernels == "off":
         os.environ["HF_ATTNRES_KERNELS"] = "0"

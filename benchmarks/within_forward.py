@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from overhead import STEADY_ALLOCATOR_ENV, build, prefill  # benchmarks/ is on the path when this script runs
+from overhead import build, prefill, steady_allocator  # benchmarks/ is on the path when this script runs
 
 from hf_attnres.modeling import modeling_attnres as modeling
 
@@ -77,9 +76,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--pattern", default="01100110", help="blocks on side A (0) or B (1) in even forwards")
     args = p.parse_args()
-    steady = {k: v for k, v in STEADY_ALLOCATOR_ENV.items() if os.environ.get(k) != v}
-    if steady:  # glibc reads these at start: run again with them
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **steady})
+    steady_allocator(__file__)
 
     torch.set_grad_enabled(False)
     dims = SimpleNamespace(vocab=49152, hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, device="cpu",

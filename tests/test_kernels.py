@@ -229,6 +229,57 @@ def test_reading_norms_run_themselves_where_they_must(monkeypatch):
     assert (model(ids).logits - patched).abs().max() < 2e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden", [64, 40])
+def test_training_reading_norm_equals_llama_rmsnorm(dtype, hidden):
+    """In training the kernels apply a reading norm in one pass each way: the output and the gradients of h
+    and of the weight against transformers' LlamaRMSNorm module reading h in the model's dtype. In fp32 only
+    summation orders differ. In bf16/fp16 one rounding of h / rms may land on the other side, as 1 / sqrt and
+    torch's rsqrt differ in their last fp32 bit: at most one unit in the last place of the output's dtype at
+    each value, and the weight's gradient, a sum over tokens of products rounded one by one in the module's
+    backward, within one unit at its largest entry."""
+    fused_kernels()
+    torch.manual_seed(0)
+    norm = modeling_attnres.LlamaRMSNorm(hidden, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    like = torch.empty(1, dtype=dtype)
+    h = (3 * torch.randn(3, 150, hidden)).requires_grad_()
+    grad = torch.randn(3, 150, hidden).to(dtype)
+
+    def run(fused: bool):
+        h.grad = norm.weight.grad = None
+        x = modeling_attnres.reading_norm(norm, h, like) if fused else norm(h.to(dtype))
+        assert (type(x.grad_fn).__name__ == "_ReadingNormBackward") == fused
+        x.backward(grad)
+        return x.detach().float(), h.grad.clone(), norm.weight.grad.float()
+
+    (x, grad_h, grad_w), (x_ref, grad_h_ref, grad_w_ref) = run(True), run(False)
+    if dtype == torch.float32:
+        assert (x - x_ref).abs().max() <= 1e-6 * x_ref.abs().max()
+        assert (grad_h - grad_h_ref).abs().max() <= 1e-6 * grad_h_ref.abs().max()
+        assert (grad_w - grad_w_ref).abs().max() <= 1e-5 * grad_w_ref.abs().max()
+        return
+    ulp = torch.finfo(dtype).eps  # the dtype's spacing relative to the value's binade
+    for got, want in ((x, x_ref), (grad_h, grad_h_ref)):
+        spacing = ulp * torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(torch.finfo(dtype).tiny))))
+        assert ((got - want).abs() <= spacing).all()
+    assert (grad_w - grad_w_ref).abs().max() <= 2 * ulp * grad_w_ref.abs().max()
+
+
+def test_training_reading_norm_with_a_hook_runs_as_a_module():
+    """A hook on a reading norm sees its call in training too: the kernels leave that norm to the module."""
+    fused_kernels()
+    model = _routed_model()
+    ids = token_ids(2, 80)
+    norm = model.model.layers[1].post_attention_layernorm
+    calls = []
+    handle = norm.register_forward_hook(lambda m, a, out: calls.append(out))
+    model(ids, labels=ids).loss.backward()
+    handle.remove()
+    assert len(calls) == 1 and type(calls[0].grad_fn).__name__ != "_ReadingNormBackward"
+
+
 @pytest.mark.parametrize("tokens, hidden", [((2, 9), 64), ((3, 150), 64), ((3, 150), 40)],
                          ids=["one thread", "split over threads", "hidden 40"])
 def test_fused_training_step_equals_plain_torch(tokens, hidden, monkeypatch):

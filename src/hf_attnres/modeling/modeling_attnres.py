@@ -447,7 +447,7 @@ class SourceStack:
 # Fused CPU kernels for Block AttnRes, from the hf_attnres package (hf_attnres.kernels: a module built once with
 # the system's C++ compiler). Without them, or without the package, the same equations run as torch ops:
 # SourceStack's in inference, _Phase1's and _Phase2's under autograd.
-FUSED_ABI = 4  # the kernels' interface this file calls
+FUSED_ABI = 5  # the kernels' interface this file calls
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # per generation (its cache): (model, input shape and dtype, layers) and the FusedSourceStack of its last step
 _FUSED_STACKS: "weakref.WeakKeyDictionary[Cache, tuple]" = weakref.WeakKeyDictionary()
@@ -512,6 +512,37 @@ def fusable_norms(norms: list[nn.Module], like: torch.Tensor) -> bool:
                and norm._parameters["weight"].dtype == like.dtype for norm in norms)
 
 
+class _ReadingNorm(torch.autograd.Function):
+    """norm(h in the model's dtype) in the fused kernels, for an fp32 depth-attention result h: one pass each way
+    where the eager LlamaRMSNorm takes about six ops forward and ten backward over [tokens, d], and only h (and 1 /
+    rms per token) kept for backward, not also its normalised copy."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, eps: float, kernels):
+        x, inv_rms = kernels.train_norm(h, weight, eps)
+        ctx.kernels = kernels
+        ctx.save_for_backward(h, weight, inv_rms)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, weight, inv_rms = ctx.saved_tensors
+        grad_h, grad_weight = ctx.kernels.train_norm_backward(grad, h, weight, inv_rms)
+        return grad_h, grad_weight, None, None
+
+
+def reading_norm(norm: nn.Module, h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """norm(h) for the depth-attention result `h` (fp32 or `like`'s dtype), as the module computes it from h in
+    `like`'s dtype: through the fused CPU kernels where nothing could tell the difference (`fusable_norms`), else
+    the module itself."""
+    kernels = _cpu_kernels(like) if h.dtype == torch.float32 else None
+    if kernels is not None and fusable_norms([norm], like):
+        weight = norm._parameters["weight"]
+        if type(weight) in _PLAIN and weight.device == h.device:  # not sharded (FSDP2's DTensor) or offloaded
+            return _ReadingNorm.apply(h, weight, norm.variance_epsilon, kernels)
+    return norm(_to(h, like.dtype))
+
+
 def block_phase1(
     residuals: list["AttnResidual"], sources: list[torch.Tensor], keep_weights: bool = True
 ) -> BlockPhase1:
@@ -528,7 +559,6 @@ def two_phase_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Depth attention of the block's `column`-th sublayer: phase 1's result merged with the partial sum.
     Returns (norm(h), alpha), alpha None unless `phase1.keep_weights`."""
-    dtype = phase1.sources[0].dtype
     if partial is None:  # the block's first sublayer: every source is complete
         h, beta = phase1.mixed[column], None
     elif phase1.stack is not None:  # inference
@@ -537,7 +567,7 @@ def two_phase_attention(
         mixed, query, lse = phase1.mixed[column], phase1.queries[:, column], phase1.lse[..., column]
         h, beta = _Phase2.apply(mixed, partial, query, lse, phase1.weights[..., column], phase1.eps,
                                 phase1.merge_dots, column, *phase1.sources)
-    x = h if phase1.normed else norm(_to(h, dtype))
+    x = h if phase1.normed else reading_norm(norm, h, phase1.sources[0])
     if not phase1.keep_weights:
         return x, None
     weights = phase1.weights[..., column]
@@ -740,17 +770,36 @@ class AttnResModel(AttnResPreTrainedModel):
         `_source_stack`."""
         if stack is not None:  # (its block size: no config read per block while decoding)
             return stack.phase1(2 * first_layer // stack.block_size, list(sources), keep_weights)
+        if self.gradient_checkpointing and self.training:
+            return None
+        size = self.config.sublayers_per_block or 0
+        return self._phase1(_attn_residuals(self.layers[first_layer : first_layer + size // 2]), sources, keep_weights)
+
+    def _phase1(self, residuals: list[AttnResidual], sources, keep_weights: bool) -> BlockPhase1 | None:
+        """`block_phase1` for `residuals` without a source stack, or None (see `block_phase1`)."""
         size = self.config.sublayers_per_block
         if size is None or size < 2 or _decoding(sources[0]):
             return None
-        if self.gradient_checkpointing and self.training:
-            return None
-        residuals = _attn_residuals(self.layers[first_layer : first_layer + size // 2])
         if not _materialised(query_parameters(residuals), sources[0]):
             # Later layers' parameters are sharded (FSDP, ZeRO-3), offloaded or on another device until their
             # own forward runs: read them only there, each sublayer attending on its own.
             return None
         return block_phase1(residuals, list(sources), keep_weights)
+
+    def _final_aggregation(
+        self, sources: list[torch.Tensor], stack: SourceStack | FusedSourceStack | None, keep_weights: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(norm(h), alpha) of the final aggregation over all sources. Without a source stack Block AttnRes runs it
+        as a phase 1 of one query: every source is complete, so that is all of it, and in training its autograd
+        function costs a third of the eager ops'."""
+        if stack is not None:
+            h, alpha = stack.final(sources)
+            return (h if stack.normed else self.norm(h)), alpha
+        phase1 = self._phase1([self.final_res], sources, keep_weights)
+        if phase1 is not None:
+            return two_phase_attention(phase1, 0, None, self.norm)
+        h, alpha = self.final_res(sources)
+        return self.norm(h), alpha
 
     def _source_stack(
         self, inputs_embeds: torch.Tensor, layers: list[AttnResDecoderLayer], keep_weights: bool,
@@ -892,10 +941,8 @@ class AttnResModel(AttnResPreTrainedModel):
         if self.final_res is None:
             hidden_states = self.norm(sources[-1])
         else:
-            hidden_states, final_alpha = (self.final_res if stack is None else stack.final)(list(sources))
+            hidden_states, final_alpha = self._final_aggregation(list(sources), stack, output_depth_attentions)
             depth.append(final_alpha)
-            if stack is None or not stack.normed:
-                hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden.append(hidden_states)
 
