@@ -4,11 +4,14 @@ VENV ?= .venv
 # The CPU build of torch 2.13 (on these machines it comes from local disk); override for a CUDA build.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
-# The oldest supported transformers (setup.cfg), installed beside the venv to test that Hub folders load with it.
-COMPAT := $(VENV)/compat-transformers
-COMPAT_VERSION := $(shell sed -n 's/.*transformers>=\([0-9.]*\).*/\1/p' setup.cfg)
+# The oldest transformers setup.cfg admits, in an environment of its own: users run whatever release they have,
+# and releases rename what a model receives (5.24: `past_key_values` -> `cache`).
+OLDEST_VERSION := $(shell sed -n 's/.*transformers>=\([0-9.]*\).*/\1/p' setup.cfg)
+OLDEST := $(VENV)-oldest
+# The test files whose outcome depends on the transformers release: cache, generate, pipeline, Hub load, conversion.
+RELEASE_TESTS := tests/test_generation.py tests/test_hub.py tests/test_identity.py tests/test_conversion.py
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-releases bench clean
 
 $(BIN)/hf-attnres: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +20,11 @@ $(BIN)/hf-attnres: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-$(COMPAT)/.done: $(BIN)/hf-attnres
-	rm -rf $(COMPAT) && $(BIN)/python -m pip install -q --target $(COMPAT) "transformers==$(COMPAT_VERSION)"
+$(OLDEST)/.done: setup.cfg pyproject.toml
+	rm -rf $(OLDEST) && $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/bin/python -m pip install -q "$(TORCH)"
+	$(OLDEST)/bin/python -m pip install -q -e ".[dev]" "transformers==$(OLDEST_VERSION)"
 	touch $@
 
 setup: $(BIN)/hf-attnres
@@ -26,11 +32,19 @@ setup: $(BIN)/hf-attnres
 run: setup  ## the main job on the embedded default
 	$(BIN)/hf-attnres run
 
-test: setup $(COMPAT)/.done  ## the test suite
-	HF_ATTNRES_COMPAT_TRANSFORMERS=$(abspath $(COMPAT)) $(BIN)/python -m pytest -q tests
+SAY_RELEASE = -c "import transformers; print('== tests on transformers', transformers.__version__)"
+
+test: setup $(OLDEST)/.done  ## the whole suite on the newest transformers, the release-sensitive files on the oldest
+	@$(BIN)/python $(SAY_RELEASE)
+	HF_ATTNRES_OLDEST_PYTHON=$(abspath $(OLDEST))/bin/python $(BIN)/python -m pytest -q tests
+	@$(OLDEST)/bin/python $(SAY_RELEASE)
+	$(OLDEST)/bin/python -m pytest -q $(RELEASE_TESTS)
+
+test-releases: setup  ## the release-sensitive files on every transformers minor release from the oldest supported
+	$(BIN)/python tests/release_matrix.py --python "$(PYTHON)" --torch "$(TORCH)" $(RELEASE_TESTS)
 
 bench: setup  ## speed/memory ratios against LlamaForCausalLM (~15 min, needs a quiet machine)
 	$(BIN)/python benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(OLDEST) $(VENV)-releases runs

@@ -1,15 +1,17 @@
 """Generation: caches, incremental decoding, left padding, logits_to_keep, loss.
 
-References: the same model without a cache (or on the full sequence), each row generated alone, and
-for the loss a hand-written shifted cross-entropy.
+References: transformers' own, unmodified Llama generating with its cache (a converted model computes its
+function), the same model without a cache (or on the full sequence), each row generated alone, and for the
+loss a hand-written shifted cross-entropy. `make test` runs this file on the oldest and the newest
+transformers release we support: the cache argument was renamed between them.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache, StaticCache, pipeline
 
-from _tiny import tiny_attnres, token_ids
+from _tiny import attnres_from_llama, tiny_attnres, tiny_llama, token_ids
 
 MODES = ["block", "full", "none"]
 
@@ -27,17 +29,55 @@ def test_greedy_with_cache_equals_without(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 @torch.no_grad()
-def test_incremental_decoding_equals_full_sequence(mode):
+def test_converted_model_generates_what_llama_generates(mode, cache_implementation):
+    """What users run: `generate` with its cache, against the unmodified Llama generating with its own."""
+    llama = tiny_llama()
+    model = attnres_from_llama(llama, mode)
+    ids = token_ids(batch=1, seq=6)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, cache_implementation=cache_implementation,
+              return_dict_in_generate=True, output_logits=True)
+    expected, got = llama.generate(ids, **kw), model.generate(ids, **kw)
+    assert torch.equal(got.sequences, expected.sequences)
+    # every step's logits, not only the argmax: a tiny random model soon repeats one token whatever it sees
+    # (the bound: the conversion's fp32 rounding, ~1e-7, see test_identity.py)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@torch.no_grad()
+def test_text_generation_pipeline_equals_llama(mode, insp_tokenizer):
+    llama = tiny_llama(vocab_size=128)
+    model = attnres_from_llama(llama, mode)
+    kw = dict(max_new_tokens=20, do_sample=False)
+    prompt = "The depth attention"
+    expected = pipeline("text-generation", model=llama, tokenizer=insp_tokenizer)(prompt, **kw)
+    got = pipeline("text-generation", model=model, tokenizer=insp_tokenizer)(prompt, **kw)
+    assert got == expected and len(expected[0]["generated_text"]) > len(prompt) + 10
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
+@torch.no_grad()
+def test_incremental_decoding_equals_full_sequence(mode, cache_name):
+    """Either name of the cache argument (`past_key_values` before transformers 5.24, `cache` since) works."""
     model = tiny_attnres(mode)
     ids = token_ids(batch=2, seq=10)
     full = model(ids).logits
     cache = DynamicCache(config=model.config)
-    step = model(ids[:, :4], past_key_values=cache, use_cache=True).logits
+    step = model(ids[:, :4], use_cache=True, **{cache_name: cache}).logits
     pieces = [step]
     for t in range(4, 10):
-        pieces.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+        pieces.append(model(ids[:, t:t + 1], use_cache=True, **{cache_name: cache}).logits)
+    assert cache.get_seq_length() == 10
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_passed_twice_is_refused():
+    model = tiny_attnres("block")
+    with pytest.raises(ValueError, match="not both"):
+        model(token_ids(), cache=DynamicCache(config=model.config), past_key_values=DynamicCache(config=model.config))
 
 
 @torch.no_grad()

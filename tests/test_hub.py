@@ -25,8 +25,9 @@ ISOLATED_LOAD = textwrap.dedent("""
     assert AutoConfig.from_pretrained(folder, trust_remote_code=True).model_type == "attnres"
     assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "AttnResModel"
     ids = torch.load(ids_path)
-    with torch.no_grad():
-        torch.save(model(ids).logits, out_path)
+    with torch.no_grad():  # what a Hub user runs: a forward, and generate with its cache (the default)
+        generated = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        torch.save({"logits": model(ids).logits, "generated": generated}, out_path)
 """)
 
 
@@ -67,7 +68,9 @@ def test_trust_remote_code_load_without_package(hub_folder, tmp_path):
     remote = torch.load(tmp_path / "out.pt")
     with torch.no_grad(), without_fused_kernels():  # the same code path as the remote process (no hf_attnres)
         local = model(ids).logits
-    assert torch.equal(remote, local)
+        uncached = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, use_cache=False)
+    assert torch.equal(remote["logits"], local)
+    assert torch.equal(remote["generated"], uncached)
 
 
 def test_copied_code_imports_only_torch_transformers_stdlib(hub_folder):

@@ -15,6 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
+
+from ..modeling.modeling_attnres import CACHE_ARG
 
 FP32_TOLERANCE = 1e-4  # max |logit difference| allowed in fp32 (float rounding is ~1e-6 on real checkpoints)
 GREEDY_TOKENS = 64
@@ -149,14 +152,15 @@ def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
 @torch.no_grad()
 def greedy(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
     """`new_tokens` argmax tokens with the KV cache, ignoring EOS (exercises cached decoding too)."""
-    out = model(input_ids=prompt, use_cache=True)
+    cache = {CACHE_ARG: DynamicCache(config=model.config)}  # the installed release's name for it
+    out = model(input_ids=prompt, use_cache=True, **cache)
     tokens = []
     while True:
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(nxt))
         if len(tokens) == new_tokens:
             return tokens
-        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=nxt, use_cache=True, **cache)
 
 
 def _attention_noise(model, sequences: list[torch.Tensor], reference: list[torch.Tensor]) -> float | None:

@@ -29,6 +29,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
+from transformers.processing_utils import Unpack
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaMLP,
@@ -38,7 +39,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.models.mistral.modeling_mistral import MistralAttention
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
-from transformers.utils import logging
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 
 from .configuration_attnres import AttnResConfig
 
@@ -51,6 +52,11 @@ ATTENTION_CLASSES: dict[str, type[nn.Module]] = {
     "qwen2": Qwen2Attention,
     "qwen3": Qwen3Attention,
 }
+
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache`: as the argument that `generate`, the
+# decoder layers and the masks take, and as the output field that `generate` reads back. The installed release's
+# name, read off its own output class (Hub code runs on whatever release the user has).
+CACHE_ARG = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 # Child modules holding every AttnRes parameter (pseudo-queries and key norms), e.g. for PEFT's modules_to_save.
 ATTN_RES_MODULE_NAMES = ["self_attn_res", "mlp_res", "final_res"]
@@ -649,12 +655,13 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         *sources: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
         phase1: BlockPhase1 | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, tuple]:
         """`phase1`: the two-phase computation's first phase for this layer's block, if the model ran it
-        (see `AttnResModel.block_phase1`); without it each sublayer attends over all its sources itself."""
+        (see `AttnResModel.block_phase1`); without it each sublayer attends over all its sources itself.
+        The KV cache arrives in `kwargs` under the release's own name (`CACHE_ARG`) and goes on to the
+        attention module as it came, like `use_cache` and the attention kwargs."""
         blocks, partial = list(sources[:-1]), sources[-1]
 
         # attention sublayer: x = RMSNorm(AttnRes(blocks, partial)); at a block boundary the partial sum is closed
@@ -665,7 +672,6 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
             hidden_states=x,
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
-            past_key_values=past_key_values,
             **kwargs,
         )
         partial = attn_out if partial is None else partial + attn_out
@@ -715,7 +721,7 @@ class AttnResPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["AttnResDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_ARG]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -803,7 +809,7 @@ class AttnResModel(AttnResPreTrainedModel):
 
     def _source_stack(
         self, inputs_embeds: torch.Tensor, layers: list[AttnResDecoderLayer], keep_weights: bool,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> SourceStack | FusedSourceStack | None:
         """The source stack for a Block AttnRes inference forward over `layers`, or None: in training and while
         parameters are not all materialised here. Inference on CPU without depth weights (`keep_weights`) uses
@@ -813,7 +819,7 @@ class AttnResModel(AttnResPreTrainedModel):
             return None
         kernels = None if keep_weights else _cpu_kernels(inputs_embeds)
         if kernels is not None:
-            stack = self._fused_stack(kernels, inputs_embeds, layers, past_key_values)
+            stack = self._fused_stack(kernels, inputs_embeds, layers, cache)
             if stack is not None:
                 return stack
         params = self._stack_parameters(layers)
@@ -857,35 +863,35 @@ class AttnResModel(AttnResPreTrainedModel):
             _FUSED_STACKS[cache] = (key, stack)
         return stack
 
-    def _masks(self, attention_mask, inputs_embeds, past_key_values, position_ids) -> dict:
+    def _masks(self, attention_mask, inputs_embeds, cache, position_ids) -> dict:
         if isinstance(attention_mask, dict):  # already prepared, e.g. by generate()
             return attention_mask
-        kwargs = dict(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      position_ids=position_ids, **{CACHE_ARG: cache})
         masks = {"full_attention": create_causal_mask(**kwargs)}
         if "sliding_attention" in self.config.layer_types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
         return masks
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_depth_attentions: bool = False,
-        **kwargs,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> AttnResModelOutput:
         """Like `LlamaModel.forward`, plus `output_depth_attentions` (see [`AttnResModelOutput`]).
+
+        The KV cache is accepted under both of its names (`past_key_values` until transformers 5.23, `cache`
+        since 5.24), so the same file serves `generate` and callers of every supported release.
 
         `hidden_states[t]` is the sum of the depth sources entering layer t (the ordinary residual stream
         with `"none"`, and what it would be with zero pseudo-queries otherwise); the last entry is the
@@ -893,6 +899,9 @@ class AttnResModel(AttnResPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if cache is not None and past_key_values is not None:
+            raise ValueError("Pass the KV cache once, as `cache` or as `past_key_values`, not both")
+        cache = past_key_values if cache is None else cache
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -903,13 +912,13 @@ class AttnResModel(AttnResPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
 
-        masks = self._masks(attention_mask, inputs_embeds, past_key_values, position_ids)
+        masks = self._masks(attention_mask, inputs_embeds, cache, position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
 
         sources: tuple[torch.Tensor, ...] = (inputs_embeds,)
@@ -918,7 +927,7 @@ class AttnResModel(AttnResPreTrainedModel):
         layers = list(itertools.islice(self.layers, self.config.num_hidden_layers))  # no ModuleList per token
         # one config read per forward, not one per layer (a config attribute costs microseconds in transformers 5)
         layer_masks = [masks[kind] for kind in self.config.layer_types[: len(layers)]]
-        stack = self._source_stack(inputs_embeds, layers, output_depth_attentions, past_key_values)
+        stack = self._source_stack(inputs_embeds, layers, output_depth_attentions, cache)
         for layer, mask in zip(layers, layer_masks):
             if output_hidden_states:
                 all_hidden.append(sources[0] if len(sources) == 1 else torch.stack(sources).sum(0))
@@ -928,10 +937,10 @@ class AttnResModel(AttnResPreTrainedModel):
                 *sources,
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
                 position_ids=position_ids,
                 use_cache=use_cache,
                 phase1=phase1,
+                **{CACHE_ARG: cache},
                 **kwargs,
             )
             all_attn.append(attn_weights)
@@ -948,7 +957,7 @@ class AttnResModel(AttnResPreTrainedModel):
 
         return AttnResModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_ARG: cache if use_cache else None},
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
             depth_attentions=tuple(depth) if output_depth_attentions else None,
@@ -965,12 +974,13 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -978,19 +988,22 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         output_depth_attentions: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> AttnResCausalLMOutput | tuple:
-        outputs = self.model(
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> AttnResCausalLMOutput:
+        """Like `LlamaForCausalLM.forward`; the cache under either name, as in `AttnResModel.forward`."""
+        outputs: AttnResModelOutput = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            cache=cache,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             output_depth_attentions=output_depth_attentions,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -1001,15 +1014,14 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        output = AttnResCausalLMOutput(
+        return AttnResCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             depth_attentions=outputs.depth_attentions,
         )
-        return output if return_dict is not False else output.to_tuple()
 
 
 __all__ = [
