@@ -60,6 +60,9 @@ def main() -> int:
                              cwd=ROOT, capture_output=True, text=True)
         summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr.strip()[-200:]
         print(f"transformers {release}: {summary}", flush=True)
+        for line in run.stdout.splitlines():
+            if line.startswith(("FAILED", "ERROR")):
+                print(f"    {line}", flush=True)
         if run.returncode != 0:
             failed.append(release)
     print(f"{len(releases) - len(failed)} of {len(releases)} releases pass" + (f"; failing: {failed}" if failed else ""))

@@ -185,7 +185,7 @@ def test_folder_is_what_save_for_hub_writes(conv_tiny_checkpoint, tmp_path):
 
 
 def test_loads_with_trust_remote_code_without_package(conv_tiny_checkpoint, tmp_path):
-    src, _ = conv_tiny_checkpoint("qwen3", head_dim=24)
+    src, original = conv_tiny_checkpoint("qwen3", head_dim=24)
     out = convert(src, tmp_path / "out").out
     ids, _ = batch()
     torch.save(ids, tmp_path / "ids.pt")
@@ -201,8 +201,12 @@ def test_loads_with_trust_remote_code_without_package(conv_tiny_checkpoint, tmp_
         env=env,
         cwd=tmp_path,
     )
+    remote = torch.load(tmp_path / "remote.pt")
     with without_fused_kernels():  # the same code path as the remote process (no hf_attnres)
-        assert torch.equal(torch.load(tmp_path / "remote.pt"), logits(load_converted(out), ids))
+        assert torch.equal(remote["logits"], logits(load_converted(out), ids))
+    with torch.no_grad():  # generating with its cache, the converted folder continues as the original does
+        expected = original.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(remote["generated"], expected)
 
 
 def test_cli_verified_conversion_and_model_card(conv_tiny_checkpoint, tmp_path, capsys):

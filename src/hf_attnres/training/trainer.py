@@ -129,7 +129,11 @@ def _prepare_model(cfg: TrainConfig, accelerator):
     model, tokenizer = load_model(source.path, cfg.dtype)
     model.config.use_cache = False
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.23 renamed it (the old name warns of its removal); 5.17-5.22 have the old name only
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return apply_train_mode(model, cfg), tokenizer, source
 
 
