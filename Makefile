@@ -13,18 +13,20 @@ RELEASE_TESTS := tests/test_generation.py tests/test_hub.py tests/test_identity.
 
 .PHONY: setup run test test-releases bench clean
 
+# $(call venv,DIR,REQUIREMENTS): a fresh virtual environment with torch, this package and REQUIREMENTS
+venv = rm -rf $(1) && $(PYTHON) -m venv $(1) && $(1)/bin/python -m pip install -q --upgrade pip \
+	&& $(1)/bin/python -m pip install -q "$(TORCH)" && $(1)/bin/python -m pip install -q -e ".[dev]" $(2)
+
 $(BIN)/hf-attnres: setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(call venv,$(VENV))
 	touch $@
 
 $(OLDEST)/.done: setup.cfg pyproject.toml
-	rm -rf $(OLDEST) && $(PYTHON) -m venv $(OLDEST)
-	$(OLDEST)/bin/python -m pip install -q --upgrade pip
-	$(OLDEST)/bin/python -m pip install -q "$(TORCH)"
-	$(OLDEST)/bin/python -m pip install -q -e ".[dev]" "transformers==$(OLDEST_VERSION)"
+	$(call venv,$(OLDEST),"transformers==$(OLDEST_VERSION)")
+	touch $@
+
+$(VENV)-releases/.done: setup.cfg pyproject.toml
+	$(call venv,$(VENV)-releases)
 	touch $@
 
 setup: $(BIN)/hf-attnres
@@ -40,8 +42,8 @@ test: setup $(OLDEST)/.done  ## the whole suite on the newest transformers, the 
 	@$(OLDEST)/bin/python $(SAY_RELEASE)
 	$(OLDEST)/bin/python -m pytest -q $(RELEASE_TESTS)
 
-test-releases: setup  ## the release-sensitive files on every transformers minor release from the oldest supported
-	$(BIN)/python tests/release_matrix.py --python "$(PYTHON)" --torch "$(TORCH)" $(RELEASE_TESTS)
+test-releases: $(VENV)-releases/.done  ## the release-sensitive files on every transformers minor release we support
+	$(VENV)-releases/bin/python tests/release_matrix.py $(RELEASE_TESTS)
 
 bench: setup  ## speed/memory ratios against LlamaForCausalLM (~15 min, needs a quiet machine)
 	$(BIN)/python benchmarks/overhead.py

@@ -1,9 +1,10 @@
 """Run the release-sensitive tests on every transformers minor release we support (`make test-releases`).
 
-`make test` checks the oldest supported release and the newest; this walks everything between, in its own
-environment (`.venv-releases`), and prints one line per release. Needs PyPI (pip install).
+`make test` checks the oldest supported release and the newest; this walks everything between, installing each
+into the environment it runs in (`make test-releases` builds `.venv-releases` for it), and prints one line per
+release. Needs PyPI (pip install).
 
-    python tests/release_matrix.py [--releases 5.17.0 5.25.0] tests/test_generation.py ...
+    .venv-releases/bin/python tests/release_matrix.py [--releases 5.17.0 5.25.0] tests/test_generation.py ...
 """
 
 from __future__ import annotations
@@ -38,25 +39,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tests", nargs="+", help="test files to run on each release")
     parser.add_argument("--releases", nargs="*", help="transformers versions (default: see supported_releases)")
-    parser.add_argument("--python", default="python3", help="interpreter to build the environment with")
-    parser.add_argument("--torch", default="torch==2.13.0", help="torch requirement of the environment")
-    parser.add_argument("--venv", type=Path, default=ROOT / ".venv-releases")
     args = parser.parse_args()
 
-    python = args.venv / "bin" / "python"
-    pip = [str(python), "-m", "pip", "install", "-q"]
-    if not (args.venv / ".done").exists():
-        subprocess.run([args.python, "-m", "venv", str(args.venv)], check=True)
-        subprocess.run([*pip, args.torch], check=True)
-        subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
-        (args.venv / ".done").touch()
-    releases = args.releases or supported_releases([str(python), "-m", "pip"])
+    python = sys.executable
+    pip = [python, "-m", "pip", "install", "-q"]
+    releases = args.releases or supported_releases([python, "-m", "pip"])
     print(f"transformers releases: {', '.join(releases)}", flush=True)
 
     failed = []
     for release in releases:
         subprocess.run([*pip, f"transformers=={release}"], check=True)
-        run = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.tests],
+        run = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.tests],
                              cwd=ROOT, capture_output=True, text=True)
         summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr.strip()[-200:]
         print(f"transformers {release}: {summary}", flush=True)
