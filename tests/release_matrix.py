@@ -4,7 +4,7 @@
 into the environment it runs in (`make test-releases` builds `.venv-releases` for it), and prints one line per
 release. Needs PyPI (pip install).
 
-    .venv-releases/bin/python tests/release_matrix.py [--releases 5.17.0 5.25.0] tests/test_generation.py ...
+    .venv-releases/bin/python tests/release_matrix.py tests/test_generation.py ... [--releases 5.17.0 5.25.0]
 """
 
 from __future__ import annotations
