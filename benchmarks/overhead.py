@@ -6,12 +6,13 @@ random weights, CPU fp32, sdpa, batch 4 x 512. Each metric is timed in its own l
 that alternates from one repeat to the next so a drifting machine favours none; the reported figure is the
 ratio of the medians, and beside it ('paired') the median of each repeat's own ratio with a distribution-free
 95% interval for it (`median_interval`): where that straddles a target, one run cannot tell on which side the
-ratio lies. Block AttnRes runs on CPU through hf_attnres's fused kernels (built on first use; `--kernels off`
-times the plain torch ops instead). On CPU the timings run with glibc set to reuse freed memory (`--allocator
-steady`, see STEADY_ALLOCATOR_ENV): with its default thresholds, page faults vary tenfold between identical
-runs and swamp the few percent being measured. `--allocator default` times without it. Peak memory of a
-training step is measured in a fresh subprocess per model (weights + activations + gradients + the loss),
-twice per model:
+ratio lies. A model is named `MODE[:IMPLEMENTATION][@before]`: `block` is Block AttnRes with the reference
+implementation (`eager`), `block:two_phase` with another registered one, and `block@before` the modeling code
+of the git revision `--before` (e.g. the code before a change, timed in the same run). On CPU the timings run
+with glibc set to reuse freed memory (`--allocator steady`, see STEADY_ALLOCATOR_ENV): with its default
+thresholds, page faults vary tenfold between identical runs and swamp the few percent being measured.
+`--allocator default` times without it. Peak memory of a training step is measured in a fresh subprocess per
+model (weights + activations + gradients + the loss), twice per model:
 
 - `peak_mem`: peak resident memory with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), so every
   tensor's memory goes back to the OS when freed and the peak is what the step really holds at once, the
@@ -21,7 +22,8 @@ twice per model:
 
 `saved_activations` is the memory autograd keeps for backward (distinct storages, parameters excluded).
 
-    python benchmarks/overhead.py                 # the full measurement (~15 min on 2 cores)
+    python benchmarks/overhead.py --modes block   # the measurement behind the README's table (~15 min, 2 cores)
+    python benchmarks/overhead.py --modes block,block@before --before 87f1a79   # against older code
     python benchmarks/overhead.py --quick         # smaller shapes, for a smoke run
     python benchmarks/overhead.py --device cuda --dtype bfloat16   # on a GPU (peak memory: max_memory_allocated)
 """
@@ -40,7 +42,8 @@ import time
 import torch
 
 # None: printed for information, no target (see the module docstring)
-TARGETS = {"train_step": ("<=", 1.05), "prefill": ("<=", 1.03), "decode_tok_s": (">=", 0.97), "peak_mem": ("<=", 1.10),
+# Block AttnRes's targets on CPU with the reference implementation (issue 20); the GPU targets are tighter
+TARGETS = {"train_step": ("<=", 1.15), "prefill": ("<=", 1.10), "decode_tok_s": (">=", 0.85), "peak_mem": ("<=", 1.10),
            "peak_rss_default": None, "saved_activations": ("<=", 1.10)}
 # glibc: a fixed mmap threshold of 64 KiB serves every tensor-sized allocation by mmap and returns it on free
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -64,6 +67,26 @@ def steady_allocator(script: str) -> None:
         os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]], {**os.environ, **steady})
 
 
+def modeling_at(revision: str):
+    """The modeling module (config and model files) of git `revision`, imported from a temporary package."""
+    import importlib
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = tempfile.mkdtemp(prefix="attnres_before_")
+    os.makedirs(os.path.join(package, "attnres_before"))
+    for name in ("configuration_attnres.py", "modeling_attnres.py"):
+        code = subprocess.run(["git", "-C", root, "show", f"{revision}:src/hf_attnres/modeling/{name}"],
+                              capture_output=True, text=True)
+        if code.returncode:
+            sys.exit(f"--before {revision}: {code.stderr.strip()}")
+        with open(os.path.join(package, "attnres_before", name), "w") as f:
+            f.write(code.stdout)
+    open(os.path.join(package, "attnres_before", "__init__.py"), "w").close()
+    sys.path.insert(0, package)
+    return importlib.import_module("attnres_before.modeling_attnres")
+
+
 def build(kind: str, args) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -78,7 +101,15 @@ def build(kind: str, args) -> torch.nn.Module:
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**dims, attn_implementation="sdpa"))
     else:
-        model = AttnResForCausalLM(AttnResConfig(**dims, attn_res_mode=kind, attn_implementation="sdpa"))
+        kind, _, before = kind.partition("@")
+        mode, _, impl = kind.partition(":")
+        if before:
+            modeling = modeling_at(args.before)
+            config_class, model_class, extra = modeling.AttnResConfig, modeling.AttnResForCausalLM, {}
+        else:
+            config_class, model_class = AttnResConfig, AttnResForCausalLM
+            extra = {"attn_res_implementation": impl or "eager"}
+        model = model_class(config_class(**dims, attn_res_mode=mode, attn_implementation="sdpa", **extra))
         with torch.no_grad():  # trained-looking routing, not the uniform start
             for name, p in model.named_parameters():
                 if name.endswith("pseudo_query"):
@@ -116,21 +147,23 @@ def decode_tok_s(models: list, prompt, new_tokens: int) -> list[float]:
     """Tokens/s of the decode phase alone (prefill excluded), greedy, batch 1, for each of `models`, their
     steps interleaved token by token: on this shared machine a model's tokens/s moves by 10-30% from one
     64-token run to the next, and a drift within a run hits every model alike only at this granularity."""
+    from hf_attnres.modeling.modeling_attnres import CACHE_ARG  # the installed release's name for the KV cache
+
     state = []
     for model in models:
         out = model(input_ids=prompt, use_cache=True)
-        state.append((out.past_key_values, out.logits[:, -1:].argmax(-1)))
+        state.append((getattr(out, CACHE_ARG), out.logits[:, -1:].argmax(-1)))
     elapsed = [0.0] * len(models)
     for _ in range(new_tokens):
         for i, model in enumerate(models):
             cache, nxt = state[i]
             sync(prompt.device)
             t = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, use_cache=True, **{CACHE_ARG: cache})
             nxt = out.logits[:, -1:].argmax(-1)
             sync(prompt.device)
             elapsed[i] += time.perf_counter() - t
-            state[i] = (out.past_key_values, nxt)
+            state[i] = (getattr(out, CACHE_ARG), nxt)
     return [new_tokens / e for e in elapsed]
 
 
@@ -146,9 +179,9 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     return (xs[k - 1], xs[n - k]) if k else None
 
 
-def peak_rss_child(kind: str, argv: list[str], env: dict[str, str] | None = None) -> float:
+def peak_rss_child(kind: str, argv: list[str], env: dict[str, str] | None = None, before: str | None = None) -> float:
     """Peak RSS (MB) of one training step in a fresh process, so models do not share an allocator."""
-    cmd = [sys.executable, __file__, *argv, "--child-peak-mem", kind]
+    cmd = [sys.executable, __file__, *argv, "--child-peak-mem", kind, *(["--before", before] if before else [])]
     base = {k: v for k, v in os.environ.items() if k not in STEADY_ALLOCATOR_ENV}  # glibc's defaults, unless `env`
     done = subprocess.run(cmd, capture_output=True, text=True, env={**base, **(env or {})})
     if done.returncode:
@@ -213,9 +246,7 @@ def main() -> None:
     p.add_argument("--allocator", default="steady", choices=["steady", "default"],
                    help="glibc settings for the CPU timings: 'steady' (default) reuses freed memory without page "
                         "faults, as a caching allocator does; 'default' leaves glibc's dynamic thresholds")
-    p.add_argument("--kernels", default="auto", choices=["auto", "off"],
-                   help="hf_attnres's fused CPU kernels: 'auto' (default) builds or loads them; 'off' "
-                        "times Block AttnRes as plain torch ops (HF_ATTNRES_KERNELS=0)")
+    p.add_argument("--before", help="git revision whose modeling code the models named MODE@before run")
     p.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child-peak-mem", help=argparse.SUPPRESS)
@@ -229,17 +260,12 @@ def main() -> None:
     if not cuda and args.allocator == "steady":
         steady_allocator(__file__)
 
-    if args.kernels == "off":
-        os.environ["HF_ATTNRES_KERNELS"] = "0"
-    from hf_attnres import kernels
-
     kinds = ["llama", *args.modes.split(",")]
     metrics = set(args.metrics.split(","))
-    fused = "not used on this device" if cuda else "loaded" if kernels.load() else "off or unavailable"
     allocator = "" if cuda else f", glibc allocator: {args.allocator}"
     where = torch.cuda.get_device_name(args.device) if cuda else f"{torch.get_num_threads()} CPU threads{allocator}"
     print(f"torch {torch.__version__}, {where}; dims: {args.layers} layers, hidden {args.hidden}, "
-          f"batch {args.batch} x {args.seq}, {args.dtype}, sdpa; fused CPU kernels: {fused}", flush=True)
+          f"batch {args.batch} x {args.seq}, {args.dtype}, sdpa", flush=True)
     models = {k: build(k, args) for k in kinds}
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     prompt = ids[:1, :32]
@@ -275,11 +301,11 @@ def main() -> None:
     # interleaved too; on CUDA one round, as the caching allocator's peak is exact
     for _ in range((1 if cuda else 2) if "peak_mem" in metrics else 0):
         for k in kinds:
-            peak[k].append(peak_rss_child(k, argv, LIVE_MEMORY_ENV))
+            peak[k].append(peak_rss_child(k, argv, LIVE_MEMORY_ENV, args.before))
             if cuda:  # the caching allocator's own peak: exact, nothing to compare it with
                 print(f"  peak memory {k}: {peak[k][-1]:.0f} MB (max_memory_allocated)", flush=True)
                 continue
-            peak_default[k].append(peak_rss_child(k, argv))
+            peak_default[k].append(peak_rss_child(k, argv, before=args.before))
             print(f"  peak memory {k}: {peak[k][-1]:.0f} MB (default allocator: {peak_default[k][-1]:.0f} MB)", flush=True)
     results = {}
     print("\nratios AttnRes / Llama of the medians (targets apply to block mode); 'paired': the median of each repeat's "
@@ -301,7 +327,7 @@ def main() -> None:
             r = results[k][metric] / results["llama"][metric]
             results[k][f"{metric}_ratio"] = r
             notes = []
-            if target is not None and k == "block":
+            if target is not None and k.split(":")[0] == "block":
                 op, bound = target
                 ok = r <= bound if op == "<=" else r >= bound
                 notes.append(f"{op}{bound} {'ok' if ok else 'MISSED'}")

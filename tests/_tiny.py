@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from unittest import mock
-
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,23 +69,12 @@ def token_ids(batch: int = 2, seq: int = 11, seed: int = 0, vocab: int = TINY["v
     return torch.randint(3, vocab, (batch, seq), generator=g)
 
 
-def without_fused_kernels():
-    """The modeling code as a Hub folder runs it where hf_attnres is not installed: plain torch ops only."""
-    from hf_attnres.modeling import modeling_attnres
 
-    return mock.patch.object(modeling_attnres, "_fused_kernels", lambda: None)
+def _implementations() -> list[str]:
+    from hf_attnres.modeling.modeling_attnres import ALL_DEPTH_ATTENTION_FUNCTIONS
+
+    return sorted(ALL_DEPTH_ATTENTION_FUNCTIONS)
 
 
-def fused_kernels():
-    """hf_attnres's fused CPU kernels, built if needed. They are the default decoding path on CPU, so a
-    machine that cannot build them fails the tests that need them, unless HF_ATTNRES_KERNELS=0 says so."""
-    import pytest
-
-    from hf_attnres import kernels
-    from hf_attnres.modeling import modeling_attnres
-
-    if not kernels.enabled():
-        pytest.skip("HF_ATTNRES_KERNELS=0")
-    module = kernels.get(modeling_attnres.FUSED_ABI)
-    assert module is not None, "the fused CPU kernels did not build: see the warning, or set HF_ATTNRES_KERNELS=0"
-    return module
+# every registered depth-attention implementation (import hf_attnres adds the package's own)
+IMPLEMENTATIONS = _implementations()

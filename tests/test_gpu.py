@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from _tiny import tiny_attnres, token_ids
+from _tiny import IMPLEMENTATIONS, tiny_attnres, token_ids
 
 CUDA = torch.cuda.is_available()
 needs_flash = pytest.mark.skipif(not CUDA or importlib.util.find_spec("flash_attn") is None,
@@ -85,15 +85,17 @@ def test_flash_attention_2_left_padded_incremental_decoding(mode, flash_calls):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("seq", [11, 40], ids=["decoding-sized", "prefill-sized"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("seq", [1, 40], ids=["one token", "prompt"])
 @torch.no_grad()
-def test_block_inference_on_cuda_matches_equations(seq):
-    """Block AttnRes inference on CUDA (the source stack) against the transcription, fp32 (no TF32), random
-    queries, with and without the depth weights (which the stack builds only on request)."""
+def test_block_inference_on_cuda_matches_equations(seq, impl):
+    """Block AttnRes inference on CUDA, every implementation, against the transcription, fp32 (no TF32),
+    random queries, with and without the depth weights."""
     from test_equations import reference_logits
 
     assert not torch.backends.cuda.matmul.allow_tf32
-    model = tiny_attnres("block", num_hidden_layers=5, attn_res_block_size=4, attn_implementation="sdpa").cuda()
+    model = tiny_attnres("block", num_hidden_layers=5, attn_res_block_size=4, attn_implementation="sdpa",
+                         attn_res_implementation=impl).cuda()
     ids = token_ids(seq=seq).cuda()
     expected = reference_logits(model, ids, 4, True)
     for depth in False, True:  # the CPU tests' bound: fp32 summation orders

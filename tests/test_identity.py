@@ -22,9 +22,7 @@ def max_logit_diff(a, b, ids):
 @pytest.mark.parametrize("embed_std", [None, 1e-3], ids=["default-embeddings", "small-embeddings"])
 @pytest.mark.parametrize("seq", [11, 40], ids=["decoding-sized", "prefill-sized"])  # 22 or 80 tokens
 def test_zero_queries_equal_llama(mode, eps, embed_std, seq):
-    """Both input sizes: Block AttnRes goes through the fused CPU kernels at the decoding size (they are
-    loaded in the test session) and through the source stack beyond, Full AttnRes through per-sublayer
-    stacks (up to 64 tokens) and source by source beyond."""
+    """A decoding-sized and a prefill-sized input, with every registered implementation."""
     llama = tiny_llama(rms_norm_eps=eps, embed_std=embed_std)
     ids = token_ids(seq=seq)
     model = attnres_from_llama(llama, mode)

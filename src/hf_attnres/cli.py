@@ -17,7 +17,6 @@ SUBCOMMAND_MODULES = (
     "hf_attnres.conversion.cli",
     "hf_attnres.training.cli",
     "hf_attnres.inspection.cli",
-    "hf_attnres.kernels.cli",
 )
 
 

@@ -2,7 +2,7 @@
 
 Builds a Block AttnRes model from a config, saves it as a Hub folder, reloads that folder with
 `trust_remote_code=True` in a fresh process that cannot import hf_attnres (what a Hub user gets), checks
-the logits are identical, and generates.
+that it computes the same logits and generates (with its KV cache) what this process generates without one.
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ RELOAD = textwrap.dedent("""
     torch.save({"logits": logits, "generated": out, "class": type(model).__module__ + "." + type(model).__name__},
                sys.argv[3])
 """)
+
+
+# Both processes run the same reference code on the same machine, so the logits agree bit for bit in practice.
+# Allowed: fp32 reassociation (a BLAS choosing another blocking in another process), 2e-5 on logits of order 1,
+# the bound the equation tests measure for two summation orders; a wrong weight or code path is off by 1e-2 or more.
+LOGIT_TOLERANCE = 2e-5
 
 
 def run_demo(out_dir: str | os.PathLike, *, layers: int = 8, hidden: int = 128, new_tokens: int = 16,
@@ -59,13 +65,16 @@ def run_demo(out_dir: str | os.PathLike, *, layers: int = 8, hidden: int = 128, 
         remote = torch.load(Path(tmp) / "out.pt")
     with torch.no_grad():
         local = model(ids).logits
-    identical = torch.equal(local, remote["logits"])
+        uncached = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, use_cache=False)
+    diff = (local - remote["logits"]).abs().max().item()
+    same_tokens = torch.equal(uncached, remote["generated"])
     print(f"[3/3] reloaded with trust_remote_code as {remote['class']} in a process without hf_attnres: "
-          f"logits {'bit-identical' if identical else 'DIFFERENT'}; generated token ids "
-          f"{remote['generated'][0, ids.shape[1]:].tolist()}")
-    if not identical:
-        raise RuntimeError("the reloaded model's logits differ from the original")
-    return {"folder": folder, "generated": remote["generated"]}
+          f"max |logit difference| {diff:.1e} (allowed {LOGIT_TOLERANCE:.0e}); generated with its cache "
+          f"{remote['generated'][0, ids.shape[1]:].tolist()}, {'the same as' if same_tokens else 'NOT the same as'} "
+          "this process without a cache")
+    if diff > LOGIT_TOLERANCE or not same_tokens:
+        raise RuntimeError("the reloaded model does not compute what the original computes")
+    return {"folder": folder, "generated": remote["generated"], "max_logit_difference": diff}
 
 
 def register(subparsers) -> None:

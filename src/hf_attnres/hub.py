@@ -11,11 +11,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-AUTO_MAP = {
-    "AutoConfig": "configuration_attnres.AttnResConfig",
-    "AutoModel": "modeling_attnres.AttnResModel",
-    "AutoModelForCausalLM": "modeling_attnres.AttnResForCausalLM",
-}
+from .modeling.configuration_attnres import AUTO_MAP
+
 CODE_FILES = ("configuration_attnres.py", "modeling_attnres.py")
 
 

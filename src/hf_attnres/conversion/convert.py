@@ -145,7 +145,7 @@ def plan_tensors(source: Source, config: AttnResConfig) -> list[TensorRef]:
             + "; ".join(problems)
             + ". Check that config.json belongs to these weights."
         )
-    init = AttnResidual(config).state_dict()  # the model's own initial values: zero query, unit key norm
+    init = AttnResidual(config, 0).state_dict()  # the model's own initial values: zero query, unit key norm
     for name in new:
         value = init[next(k for k in init if name.endswith("." + k))]
         stored.append(LoadedTensor(name=name, shape=tuple(value.shape), dtype=value.dtype, load=lambda v=value: v))

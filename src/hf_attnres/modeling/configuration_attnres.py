@@ -19,6 +19,12 @@ ATTN_RES_MODES = ("block", "full", "none")
 # MLP, RMSNorm and rotary embedding are Llama's in all of them).
 ATTN_RES_BACKBONES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MAX_BLOCKS = 8
+# Where a model folder's code files define the classes (`save_pretrained` copies both files beside the weights).
+AUTO_MAP = {
+    "AutoConfig": "configuration_attnres.AttnResConfig",
+    "AutoModel": "modeling_attnres.AttnResModel",
+    "AutoModelForCausalLM": "modeling_attnres.AttnResForCausalLM",
+}
 
 
 def default_block_size(num_sublayers: int, max_blocks: int = DEFAULT_MAX_BLOCKS) -> int:
@@ -53,6 +59,12 @@ class AttnResConfig(LlamaConfig):
         number of sources at that point. With zero pseudo-queries the output is the standard residual stream
         divided by `n`, and `RMSNorm_eps(x / n) = RMSNorm_{eps n^2}(x)`, so this makes a converted Llama
         exact (spec §4). It only changes a constant inside the norm; turn it off for paper-literal training.
+    attn_res_implementation (`str`, defaults to `"eager"`):
+        Which implementation computes the depth attention, by name (see `DepthAttentionInterface` in the modeling
+        file): `"eager"` is the reference, the equations in plain torch ops. `import hf_attnres` adds the
+        package's own; a name not available where the model loads falls back to `"eager"` with a warning. Every
+        implementation computes the same function; switch on a loaded model with
+        `model.set_attn_res_implementation(name)`.
     attn_res_backbone (`str`, defaults to `"llama"`):
         Which family's attention module each decoder layer uses: `"llama"`, `"mistral"` (sliding window),
         `"qwen2"` (q/k/v bias) or `"qwen3"` (q/k RMSNorm).
@@ -71,12 +83,15 @@ class AttnResConfig(LlamaConfig):
     attn_res_block_size: int | None = None
     attn_res_scale_norm_eps: bool = True
     attn_res_backbone: str = "llama"
+    attn_res_implementation: str = "eager"
     sliding_window: int | None = None
     layer_types: list[str] | None = None
     attnres_version: str = ATTNRES_VERSION
 
     def __post_init__(self, **kwargs):
         self._check_attn_res_fields()
+        if getattr(self, "auto_map", None) is None:  # a saved folder loads with any of the three Auto classes
+            self.auto_map = dict(AUTO_MAP)
         if self.attn_res_mode == "block" and self.attn_res_block_size is None:
             self.attn_res_block_size = default_block_size(2 * self.num_hidden_layers)
         if self.layer_types is None:
@@ -97,6 +112,10 @@ class AttnResConfig(LlamaConfig):
         if self.attn_res_backbone not in ATTN_RES_BACKBONES:
             raise ValueError(
                 f"attn_res_backbone={self.attn_res_backbone!r} is not valid: use one of {ATTN_RES_BACKBONES}."
+            )
+        if not isinstance(self.attn_res_implementation, str):
+            raise ValueError(
+                f"attn_res_implementation={self.attn_res_implementation!r} is not valid: use a name such as 'eager'."
             )
         size = self.attn_res_block_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 2 or size % 2):
