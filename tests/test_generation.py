@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache, pipeline
 
 from _tiny import attnres_from_llama, tiny_attnres, tiny_llama, token_ids
+from hf_attnres.modeling.modeling_attnres import CACHE_ARG
 
 MODES = ["block", "full", "none"]
 
@@ -89,7 +90,7 @@ def test_static_cache_generation_equals_dynamic():
     static = model.generate(ids, cache_implementation="static", **kw)
     assert torch.equal(static, dynamic)
     cache = StaticCache(config=model.config, max_cache_len=32)
-    first = model(ids, past_key_values=cache, use_cache=True).logits
+    first = model(ids, use_cache=True, **{CACHE_ARG: cache}).logits
     torch.testing.assert_close(first, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
