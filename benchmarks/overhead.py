@@ -31,6 +31,7 @@ model (weights + activations + gradients + the loss), twice per model:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -67,6 +68,7 @@ def steady_allocator(script: str) -> None:
         os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]], {**os.environ, **steady})
 
 
+@functools.lru_cache(maxsize=None)  # one temporary package per revision, however many models it builds
 def modeling_at(revision: str):
     """The modeling module (config and model files) of git `revision`, imported from a temporary package."""
     import importlib

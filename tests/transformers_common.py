@@ -7,8 +7,8 @@ extracts those files into the project's cache folder (`$HF_ATTNRES_CACHE`, defau
 same root as `hf_attnres.assets`), as an importable package `transformers_tests`:
 
     <cache>/transformers-tests/<version>/transformers_tests/   the sdist's tests/**/*.py (+ stand-ins, below)
-    <cache>/transformers-tests/<version>/site/                 `parameterized` (test_modeling_common imports it;
-                                                               it is no dependency of this project)
+
+(`parameterized`, which test_modeling_common imports, comes with this project's `dev` extras.)
 
 The sdist does *not* ship the sub-folders that `test_modeling_common.py` and `test_configuration_common.py` import
 from (`generation/test_utils.py`, `exporters/test_export.py`, `utils/test_configuration_utils.py`), nor
@@ -34,13 +34,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import zipfile
 from pathlib import Path
 
 from hf_attnres.assets import cache_dir
 
 PACKAGE = "transformers_tests"
-PARAMETERIZED = "parameterized==0.9.0"
 STAND_IN = "HF_ATTNRES_STAND_IN"
 
 # The files of the sdist's tests/ folder that ModelTesterMixin and ConfigTester need (all of its top-level *.py are
@@ -103,7 +101,7 @@ def transformers_version() -> str:
 
 
 def suite_dir(version: str | None = None) -> Path:
-    """Folder that holds `transformers_tests/` and `site/` for `version` (default: the installed transformers)."""
+    """Folder that holds `transformers_tests/` for `version` (default: the installed transformers)."""
     return cache_dir() / "transformers-tests" / (version or transformers_version())
 
 
@@ -149,6 +147,11 @@ def _extract_tests(sdist: Path, package: Path) -> None:
         (folder / "__init__.py").touch()
 
 
+def _complete(folder: Path) -> bool:
+    """Whether `folder` holds a fully extracted suite (the last step of a fetch is the rename into place)."""
+    return (folder / PACKAGE / REQUIRED[0]).is_file()
+
+
 def fetch(version: str | None = None) -> Path:
     """Download and extract the common tests of transformers `version` once; returns `suite_dir(version)`.
 
@@ -157,29 +160,25 @@ def fetch(version: str | None = None) -> Path:
     """
     version = version or transformers_version()
     final = suite_dir(version)
-    if (final / PACKAGE / REQUIRED[0]).is_file() and (final / "site" / "parameterized").is_dir():
+    if _complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
     try:
         downloads = tmp / "downloads"
-        (downloads / "sdist").mkdir(parents=True)
-        (downloads / "wheel").mkdir()
-        sdist = _pip_download(["--no-binary", ":all:", f"transformers=={version}"], str(downloads / "sdist"),
+        downloads.mkdir()
+        sdist = _pip_download(["--no-binary", ":all:", f"transformers=={version}"], str(downloads),
                               f"the transformers {version} sdist")
-        wheel = _pip_download(["--only-binary", ":all:", PARAMETERIZED], str(downloads / "wheel"), PARAMETERIZED)
         tree = tmp / "tree"
         _extract_tests(sdist, tree / PACKAGE)
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extractall(tree / "site")
         if final.exists():  # an incomplete earlier attempt (or a concurrent one that just finished)
-            if (final / PACKAGE / REQUIRED[0]).is_file() and (final / "site" / "parameterized").is_dir():
+            if _complete(final):
                 return final
             shutil.rmtree(final, ignore_errors=True)
         try:
             os.replace(tree, final)
         except OSError:  # lost a race with a concurrent fetch: keep the winner's complete tree
-            if not (final / PACKAGE / REQUIRED[0]).is_file():
+            if not _complete(final):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -190,9 +189,8 @@ def import_path(version: str | None = None) -> Path:
     """Fetch (if needed) and put the suite on sys.path; returns its folder. `import transformers_tests...` works
     after this."""
     root = fetch(version)
-    for path in (root / "site", root):
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     return root
 
 

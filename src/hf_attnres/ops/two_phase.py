@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..modeling.modeling_attnres import key_logits
+
 
 class BlockPhase1(torch.autograd.Function):
     """Queries [S, d] (fp32) over sources [..., d] -> (mixed [..., S, d], lse [..., S], weights [..., n, S]).
@@ -35,17 +37,12 @@ class BlockPhase1(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries: torch.Tensor, eps: float, *sources: torch.Tensor):
-        logits, inv_rms = [], []
-        for value in sources:
-            value = value.to(queries.dtype)
-            r = torch.rsqrt(value.pow(2).mean(-1, keepdim=True) + eps)
-            logits.append((value @ queries.T) * r)
-            inv_rms.append(r)
-        logits = torch.stack(logits, dim=-2)  # [..., n, S]
+        values = [value.to(queries.dtype) for value in sources]
+        inv_rms = [torch.rsqrt(value.pow(2).mean(-1, keepdim=True) + eps) for value in values]
+        logits = torch.stack([(value @ queries.T) * r for value, r in zip(values, inv_rms)], dim=-2)  # [..., n, S]
         lse = logits.logsumexp(dim=-2)
         weights = (logits - lse.unsqueeze(-2)).exp()
-        mixed = sum(weights[..., i, :, None] * value.to(queries.dtype).unsqueeze(-2) for i, value in enumerate(sources))
-        ctx.eps = eps
+        mixed = sum(weights[..., i, :, None] * value.unsqueeze(-2) for i, value in enumerate(values))
         ctx.save_for_backward(queries, lse, torch.cat(inv_rms, dim=-1), *sources)
         ctx.mark_non_differentiable(weights)
         return mixed, lse, weights
@@ -107,11 +104,11 @@ def two_phase_depth_attention(
     opens_block = module.sublayer == start
     complete = sources if opens_block else sources[:-1]
 
-    shared = depth_context is not None and all(_local(m, sources[0]) for m in block)
-    if not shared:
-        block, start = [module], module.sublayer
-    entry = depth_context.get(start) if shared else None
+    entry = depth_context.get(start) if depth_context is not None else None
     if entry is None or len(entry[0]) != len(complete) or any(a is not b for a, b in zip(entry[0], complete)):
+        shared = depth_context is not None and all(_local(m, sources[0]) for m in block)
+        if not shared:  # this sublayer's query alone
+            block, start = [module], module.sublayer
         queries = torch.stack([_query(m, dtype) for m in block])
         entry = (tuple(complete), *BlockPhase1.apply(queries, eps, *complete))
         if shared:
@@ -124,7 +121,7 @@ def two_phase_depth_attention(
 
     # phase 2: merge the block's partial sum by an online softmax
     partial = sources[-1].to(dtype)
-    logit = (partial @ _query(module, dtype)) * torch.rsqrt(partial.pow(2).mean(-1) + eps)
+    logit = key_logits(partial, _query(module, dtype), eps)
     total = torch.logaddexp(lse, logit)
     kept, new = (lse - total).exp(), (logit - total).exp()
     h = kept.unsqueeze(-1) * mixed + new.unsqueeze(-1) * partial
