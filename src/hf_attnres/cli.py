@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = (
     "hf_attnres.conversion.cli",
     "hf_attnres.training.cli",
     "hf_attnres.inspection.cli",
+    "hf_attnres.ab.cli",
 )
 
 

@@ -80,8 +80,8 @@ def attnres_config(
     the window. Keys with no AttnRes meaning are returned so the report can name them.
     """
     backbone = check_supported(source.model_type)
-    if mode not in ("block", "full"):
-        raise ValueError(f"mode={mode!r} is not valid: use 'block' or 'full'.")
+    if mode not in ("block", "full", "none"):  # "none": the same Llama on AttnRes code (the baseline of `ab`)
+        raise ValueError(f"mode={mode!r} is not valid: use 'block', 'full' or 'none'.")
     values = source.to_dict()
     kwargs = {k: v for k, v in values.items() if k in _ATTNRES_FIELDS and k not in _CONSUMED_KEYS}
     dropped = sorted(k for k in values if k not in _ATTNRES_FIELDS | _CONSUMED_KEYS and not k.startswith("_"))

@@ -113,12 +113,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    fields = TrainConfig.__dataclass_fields__
+def config_from_args(args: argparse.Namespace, cls: type = TrainConfig):
+    fields = cls.__dataclass_fields__
     kwargs = {k: v for k, v in vars(args).items() if k in fields}
     kwargs["max_eval_blocks"] = kwargs.get("max_eval_blocks") or None
     kwargs["max_grad_norm"] = kwargs.get("max_grad_norm") or None
-    return TrainConfig(**kwargs)
+    return cls(**kwargs)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -44,18 +44,25 @@ def normalised_entropy_sums(depth_attentions: tuple[torch.Tensor, ...]) -> torch
 
 
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator, *, depth_entropy: bool = True) -> dict[str, float]:
-    """{"loss", "perplexity", "tokens", "depth_entropy/<sublayer>"..., "depth_entropy/mean"} on `dataloader`."""
+def evaluate(model, dataloader, accelerator, *, depth_entropy: bool = True, per_batch: bool = False) -> dict:
+    """{"loss", "perplexity", "tokens", "depth_entropy/<sublayer>"..., "depth_entropy/mean"} on `dataloader`.
+
+    `per_batch` adds "batch_loss_sums" and "batch_tokens" (one entry per evaluation batch, all processes):
+    two models evaluated on the same batches can then be compared pair by pair (`hf-attnres ab`).
+    """
     was_training = model.training
     model.eval()
     loss_sum, count, entropy_sum, n_tokens_entropy, entries = 0.0, 0, None, 0, 0
+    batch_sums, batch_counts = [], []
     for batch in dataloader:
         out = model(input_ids=batch["input_ids"], output_depth_attentions=depth_entropy, use_cache=False)
         sums, counts = token_loss_sums(out.logits, batch["labels"])
         ent = normalised_entropy_sums(out.depth_attentions) if depth_entropy else None
         gathered = accelerator.gather_for_metrics((sums, counts) if ent is None else (sums, counts, ent))
-        loss_sum += gathered[0].double().sum().item()
-        count += int(gathered[1].sum().item())
+        batch_sums.append(gathered[0].double().sum().item())
+        batch_counts.append(int(gathered[1].sum().item()))
+        loss_sum += batch_sums[-1]
+        count += batch_counts[-1]
         if ent is not None:
             entries = gathered[2].shape[1]
             s = gathered[2].double().sum(0)
@@ -66,6 +73,8 @@ def evaluate(model, dataloader, accelerator, *, depth_entropy: bool = True) -> d
         raise ValueError("the evaluation data has no target tokens.")
     loss = loss_sum / count
     metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+    if per_batch:
+        metrics.update(batch_loss_sums=batch_sums, batch_tokens=batch_counts)
     if entropy_sum is not None:
         per_entry = (entropy_sum / n_tokens_entropy).tolist()
         for name, value in zip(sublayer_names(entries), per_entry):

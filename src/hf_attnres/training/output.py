@@ -65,6 +65,9 @@ def model_card_text(summary: dict, model_id: str) -> str:
 
     figures = markdown_table(rows, header=("", "before training", "after training"))
     figures += f"\n\nValidation: {summary.get('eval_tokens', '-')} held-out tokens."
+    if summary.get("comparison"):
+        figures += f"\n\n**Measured comparison** (`hf-attnres ab`, same data, order and hyperparameters): " \
+                   f"{summary['comparison']}"
     return render_model_card(
         title=f"{_short_name(summary)} + Attention Residuals, continued pretraining",
         summary=(
@@ -116,6 +119,18 @@ def save_final_model(accelerator, model, tokenizer, out_dir: Path, summary: dict
         (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     accelerator.wait_for_everyone()
     return out_dir
+
+
+def refresh_model_card(folder: Path, comparison: str) -> None:
+    """Rewrite a saved final folder's README.md to state a measured comparison (`hf-attnres ab`)."""
+    summary_file = Path(folder) / "training_summary.json"
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    summary["comparison"] = comparison
+    card = model_card_text(summary, model_id=summary.get("push_to_hub") or str(folder))
+    for path, text in ((summary_file, json.dumps(summary, indent=2, default=str)), (Path(folder) / "README.md", card)):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
 
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, api=None) -> str:

@@ -146,6 +146,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
+def _headline(m: dict | None) -> dict | None:
+    """An evaluation without its per-batch lists (kept in metrics.jsonl for paired comparisons)."""
+    return None if m is None else {k: v for k, v in m.items() if not k.startswith("batch_")}
+
+
 def _eval_console(step: int, m: dict) -> str:
     ent = m.get("depth_entropy/mean")
     ent_text = f", depth-attention entropy {ent:.3f} (1 = uniform)" if ent is not None else ""
@@ -205,7 +210,7 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
 
     eval_before = None
     if val_loader is not None and cfg.eval_at_start and state.step == 0:
-        eval_before = evaluate(model, val_loader, accelerator)
+        eval_before = evaluate(model, val_loader, accelerator, per_batch=True)
         metrics.log("eval", 0, eval_before, console=_eval_console(0, eval_before))
     elif metrics.path.is_file():
         eval_before = next((r for r in read_metrics(metrics.path, "eval") if r["step"] == 0), None)
@@ -215,13 +220,14 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
 
     eval_after = None
     if val_loader is not None:
-        eval_after = evaluate(model, val_loader, accelerator)
+        eval_after = evaluate(model, val_loader, accelerator, per_batch=True)
         metrics.log("eval", state.step, eval_after, console=_eval_console(state.step, eval_after))
     tokens_per_second = (state.tokens - tokens_at_start) / train_seconds if train_seconds > 0 else 0.0
     if train_seconds == 0 and metrics.path.is_file():  # resumed a finished run: report the rate it trained at
         last = read_metrics(metrics.path, "train")[-1:]
         tokens_per_second = (last[0].get("tokens_per_second") or 0.0) if last else 0.0
-    summary.update(steps=state.step, tokens=state.tokens, eval_before=eval_before, eval_after=eval_after,
+    summary.update(steps=state.step, tokens=state.tokens, eval_before=_headline(eval_before),
+                   eval_after=_headline(eval_after),
                    eval_tokens=(eval_after or {}).get("tokens"), train_seconds=round(train_seconds, 2),
                    tokens_per_second=round(tokens_per_second, 2))
     metrics.log("summary", state.step, {"tokens": state.tokens, "tokens_per_second": tokens_per_second,
@@ -302,7 +308,7 @@ def _train_loop(cfg, accelerator, model, optimizer, scheduler, batches, state, t
             f"step {state.step}/{total_steps}: loss {loss:.4f}, {record['tokens_per_second']:.1f} tokens/s"
             if log_now else None))
         if val_loader is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
-            m = evaluate(model, val_loader, accelerator)
+            m = evaluate(model, val_loader, accelerator, per_batch=True)
             metrics.log("eval", state.step, m, console=_eval_console(state.step, m))
         if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == total_steps:
             save_checkpoint(accelerator, cfg.output_dir, state.step, cfg.keep_last)
