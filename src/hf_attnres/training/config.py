@@ -36,6 +36,7 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     max_steps: int | None = None
+    schedule_steps: int | None = None  # the LR schedule's horizon (default: the run's total steps)
     epochs: int = 1
     lr: float = 3e-5
     attnres_lr: float = 3e-4
