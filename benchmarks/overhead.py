@@ -25,7 +25,16 @@ model (weights + activations + gradients + the loss), twice per model:
     python benchmarks/overhead.py --modes block   # the measurement behind the README's table (~15 min, 2 cores)
     python benchmarks/overhead.py --modes block,block@before --before 87f1a79   # against older code
     python benchmarks/overhead.py --quick         # smaller shapes, for a smoke run
-    python benchmarks/overhead.py --device cuda --dtype bfloat16   # on a GPU (peak memory: max_memory_allocated)
+    python benchmarks/overhead.py --device cuda --dtype bfloat16   # on a GPU: the suite of issue 21, see below
+
+On CUDA the default (`--suite gpu`) measures, in one run, block and full mode against Llama of the same
+dimensions with the default implementation (`"auto"`: fla-core's fused kernel where installed): training step
+and peak memory (`torch.cuda.max_memory_allocated`) at SmolLM2-135M dimensions (16 x 2048) and at Llama-3.2-1B
+dimensions (random weights, 8 x 2048, activation checkpointing on for every model), prefill (8 x 2048) and
+decode tokens/s at batch 1 and 32 with a static cache, through `generate`, without and with transformers'
+compilation of the decoding step (`decode_static_b*`, `decode_compiled_b*`: the decode phase alone, generating
+N tokens minus generating 1). Each configuration prints its ratios with their targets; a configuration that
+fails (e.g. out of memory) prints the error and the run goes on. `--suite single` times one configuration.
 """
 
 from __future__ import annotations
@@ -59,6 +68,23 @@ LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 STEADY_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40),
                         "MALLOC_MMAP_MAX_": "0"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Issue 21's targets on GPU for block mode (full mode: training step <= 1.5); decoding at each batch size
+GPU_TARGETS = {"train_step": ("<=", 1.10), "prefill": ("<=", 1.05), "peak_mem": ("<=", 1.05),
+               **{f"decode_{kind}_b{b}": (">=", 0.95) for kind in ("static", "compiled") for b in (1, 32)}}
+GPU_TARGETS_1B = {**GPU_TARGETS, "train_step": ("<=", 1.05)}
+FULL_TARGETS = {"train_step": ("<=", 1.5)}
+SMOLLM2_135M = dict(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152)
+LLAMA_32_1B = dict(layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, vocab=128256)
+# (label, dimensions, batch, sequence, metrics, activation checkpointing, block-mode targets)
+GPU_SUITE = [
+    ("SmolLM2-135M dims, training 16 x 2048", SMOLLM2_135M, 16, 2048, "train_step,peak_mem", False, GPU_TARGETS),
+    ("Llama-3.2-1B dims, training 8 x 2048, activation checkpointing", LLAMA_32_1B, 8, 2048, "train_step,peak_mem",
+     True, GPU_TARGETS_1B),
+    ("SmolLM2-135M dims, prefill 8 x 2048", SMOLLM2_135M, 8, 2048, "prefill", False, GPU_TARGETS),
+    ("SmolLM2-135M dims, decoding (static cache), prompt 32", SMOLLM2_135M, 32, 32,
+     "decode_static_b1,decode_static_b32,decode_compiled_b1,decode_compiled_b32", False, GPU_TARGETS),
+]
+DECODE_METRICS = [f"decode_{kind}_b{b}" for kind in ("static", "compiled") for b in (1, 32)]
 
 
 def steady_allocator(script: str) -> None:
@@ -116,7 +142,11 @@ def build(kind: str, args) -> torch.nn.Module:
             for name, p in model.named_parameters():
                 if name.endswith("pseudo_query"):
                     p.normal_(0, 0.05)
-    return model.to(args.device, DTYPES[args.dtype])
+    model = model.to(args.device, DTYPES[args.dtype])
+    if getattr(args, "checkpointing", False):  # as a Trainer does, on every model alike
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    return model
 
 
 def sync(device) -> None:
@@ -169,6 +199,26 @@ def decode_tok_s(models: list, prompt, new_tokens: int) -> list[float]:
     return [new_tokens / e for e in elapsed]
 
 
+@torch.no_grad()
+def decode_generate(models: list, prompt, new_tokens: int, compiled: bool) -> list[float]:
+    """Tokens/s of the decode phase through `generate` with a static cache, greedy, for each of `models`:
+    (generating `new_tokens` - generating 1) / (new_tokens - 1), prefill and set-up cancelling out. `compiled`:
+    transformers compiles the decoding step (its default for static caches on CUDA), else `disable_compile`."""
+    kw = dict(do_sample=False, cache_implementation="static", pad_token_id=0, disable_compile=not compiled)
+    rates = []
+    for model in models:
+        elapsed = []
+        for n in (new_tokens, 1):
+            sync(prompt.device)
+            t = time.perf_counter()
+            out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)
+            sync(prompt.device)
+            elapsed.append(time.perf_counter() - t)
+            assert out.shape[1] == prompt.shape[1] + n
+        rates.append((new_tokens - 1) / max(elapsed[0] - elapsed[1], 1e-9))
+    return rates
+
+
 def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
     """A distribution-free interval holding the median with at least `confidence` (order statistics x_(k) and
     x_(n+1-k), k the largest with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2), or None for too few values.
@@ -187,6 +237,9 @@ def peak_rss_child(kind: str, argv: list[str], env: dict[str, str] | None = None
     base = {k: v for k, v in os.environ.items() if k not in STEADY_ALLOCATOR_ENV}  # glibc's defaults, unless `env`
     done = subprocess.run(cmd, capture_output=True, text=True, env={**base, **(env or {})})
     if done.returncode:
+        if "--device=cuda" in " ".join(argv) or "--device=cuda:" in " ".join(argv):  # e.g. out of memory
+            print(f"  the peak-memory run of {kind} failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+            return float("nan")
         sys.exit(f"the peak-memory run of {kind} failed:\n{done.stderr[-3000:]}")
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -251,6 +304,10 @@ def main() -> None:
     p.add_argument("--before", help="git revision whose modeling code the models named MODE@before run")
     p.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--suite", choices=["single", "gpu"],
+                   help="'gpu' (the default on CUDA): the configurations of GPU_SUITE in one run; 'single' (the "
+                        "default on CPU): the one configuration given by the options above")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing on every model")
     p.add_argument("--child-peak-mem", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
@@ -261,13 +318,37 @@ def main() -> None:
     cuda = torch.device(args.device).type == "cuda"
     if not cuda and args.allocator == "steady":
         steady_allocator(__file__)
+    if (args.suite or ("gpu" if cuda else "single")) == "single":
+        results = measure(args, TARGETS if not cuda else GPU_TARGETS)
+    else:
+        results = {}
+        for label, dims, batch, seq, metrics, checkpointing, targets in GPU_SUITE:
+            seq = min(seq, 64) if args.quick else seq  # a smoke run of the suite's code paths
+            run = argparse.Namespace(**{**vars(args), **({} if args.quick else dims), "batch": batch, "seq": seq,
+                                        "metrics": metrics, "checkpointing": checkpointing})
+            print(f"\n=== {label} ===", flush=True)
+            try:
+                results[label] = measure(run, targets)
+            except Exception as error:  # e.g. out of memory: report it, measure the rest
+                print(f"  FAILED: {type(error).__name__}: {str(error)[:500]}", flush=True)
+                results[label] = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
+            if cuda:
+                torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
 
+
+def measure(args, targets: dict) -> dict:
+    """Times one configuration (dimensions, batch, metrics in `args`), prints the ratios and returns them."""
+    cuda = torch.device(args.device).type == "cuda"
     kinds = ["llama", *args.modes.split(",")]
     metrics = set(args.metrics.split(","))
     allocator = "" if cuda else f", glibc allocator: {args.allocator}"
     where = torch.cuda.get_device_name(args.device) if cuda else f"{torch.get_num_threads()} CPU threads{allocator}"
     print(f"torch {torch.__version__}, {where}; dims: {args.layers} layers, hidden {args.hidden}, "
-          f"batch {args.batch} x {args.seq}, {args.dtype}, sdpa", flush=True)
+          f"batch {args.batch} x {args.seq}, {args.dtype}, sdpa"
+          f"{', activation checkpointing' if args.checkpointing else ''}", flush=True)
     models = {k: build(k, args) for k in kinds}
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     prompt = ids[:1, :32]
@@ -275,7 +356,12 @@ def main() -> None:
         "train_step": lambda ms: [train_step(m.train(), ids) for m in ms],
         "prefill": lambda ms: [prefill(m.eval(), ids) for m in ms],
         "decode_tok_s": lambda ms: decode_tok_s([m.eval() for m in ms], prompt, args.new_tokens),
+        **{f"decode_{kind}_b{b}": functools.partial(
+            lambda ms, b, compiled: decode_generate([m.eval() for m in ms], ids[:b, :32], args.new_tokens, compiled),
+            b=b, compiled=kind == "compiled") for kind in ("static", "compiled") for b in (1, 32)},
     }
+    if args.batch < 32 and metrics & {"decode_static_b32", "decode_compiled_b32"}:
+        raise ValueError("decoding at batch 32 needs --batch 32 or more (the prompts are rows of the batch)")
     times = {k: {metric: [] for metric in timers} for k in kinds}
     for metric, timer in timers.items():
         if metric not in metrics:
@@ -298,6 +384,7 @@ def main() -> None:
 
     argv = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
             ("layers", "hidden", "intermediate", "heads", "kv-heads", "vocab", "batch", "seq", "device", "dtype")]
+    argv += ["--checkpointing"] if args.checkpointing else []
     peak = {k: [] for k in kinds}
     peak_default = {k: [] for k in kinds}
     # interleaved too; on CUDA one round, as the caching allocator's peak is exact
@@ -321,7 +408,8 @@ def main() -> None:
         results[k] = med
     for k in kinds[1:]:
         line = []
-        for metric, target in TARGETS.items():
+        mode = k.split(":")[0].split("@")[0]
+        for metric in [*TARGETS, *DECODE_METRICS]:
             if metric not in metrics and not (metric in ("saved_activations", "peak_rss_default") and "peak_mem" in metrics):
                 continue
             if results["llama"][metric] != results["llama"][metric]:  # NaN: not measured on this device
@@ -329,7 +417,8 @@ def main() -> None:
             r = results[k][metric] / results["llama"][metric]
             results[k][f"{metric}_ratio"] = r
             notes = []
-            if target is not None and k.split(":")[0] == "block":
+            target = {"block": targets, "full": FULL_TARGETS if cuda else {}}.get(mode, {}).get(metric)
+            if target is not None:
                 op, bound = target
                 ok = r <= bound if op == "<=" else r >= bound
                 notes.append(f"{op}{bound} {'ok' if ok else 'MISSED'}")
@@ -341,13 +430,11 @@ def main() -> None:
                 notes.append(f"paired {paired:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""))
             line.append(f"{metric} {r:.3f}" + (f" ({'; '.join(notes)})" if notes else ""))
         print(f"  {k:6s} " + "  ".join(line))
-    print("  absolute: " + "; ".join(
-        f"{k}: train {v['train_step']:.2f}s, prefill {v['prefill']:.2f}s, decode {v['decode_tok_s']:.1f} tok/s, "
-        f"peak memory {v['peak_mem']:.0f} MB (default allocator {v['peak_rss_default']:.0f} MB), saved activations {v['saved_activations']:.0f} MB"
-        for k, v in results.items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    units = {"train_step": "s", "prefill": "s", "peak_mem": "MB", "peak_rss_default": "MB", "saved_activations": "MB"}
+    print("  absolute: " + "; ".join(f"{k}: " + ", ".join(
+        f"{m} {v[m]:.4g}{' ' + units.get(m, 'tok/s')}" for m in [*TARGETS, *DECODE_METRICS] if v.get(m) == v.get(m))
+        for k, v in results.items()), flush=True)
+    return results
 
 
 if __name__ == "__main__":

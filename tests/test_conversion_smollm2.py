@@ -73,7 +73,9 @@ def test_gguf_conversion_is_exact_in_fp32(smol, tmp_path):
     card = (report.out / "README.md").read_text()
     front = card.split("---")[1]
     assert f"base_model: {SMOLLM2_BASE_MODEL}" in front and f"license: {SMOLLM2_LICENSE}" in front
-    assert "max abs logit difference (fp32)" in card and "greedy continuation (64 tokens) identical | yes" in card
+    assert "max abs logit difference (fp32)" in card
+    assert "greedy continuation (64 tokens, generate with the cache) identical | yes" in card
+    assert "with the cache = without it | yes" in card
 
 
 def test_bf16_conversion_within_the_checkpoints_own_noise(smol, tmp_path):

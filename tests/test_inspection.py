@@ -265,6 +265,29 @@ def test_inspect_model_writes_figures_and_json(insp_make_model, insp_tokenizer, 
         assert m["sublayer_kinds"][:2] == ["attention", "mlp"] and m["num_tokens"] == first["num_tokens"]
 
 
+def test_depth_attention_compare_draws_both_maps_and_the_change(insp_make_model, insp_tokenizer, tmp_path,
+                                                                 monkeypatch):
+    pytest.importorskip("matplotlib")
+    from hf_attnres.inspection import plots
+
+    drawn = []
+    real = plots._heatmap
+    monkeypatch.setattr(plots, "_heatmap", lambda ax, insp, values, *a, **k: drawn.append(
+        (insp.label, values.copy())) or real(ax, insp, values, *a, **k))
+    before = insp_make_model("block", layers=3, block_size=4, queries="zero")
+    after = insp_make_model("block", layers=3, block_size=4, queries="random")
+    report = inspect_model(after, insp_tokenizer, TEXTS, tmp_path, label="trained", compare_with=before,
+                           compare_label="converted", gradients=False)
+    assert set(report.figures) == {"depth_attention", "depth_attention_compare", "magnitudes"}
+    _assert_png(report.figures["depth_attention_compare"])
+    single, left, right, change = drawn  # depth_attention.png, then the three panels of the comparison
+    assert [single[0], left[0], right[0], change[0]] == ["trained", "converted", "trained", "trained"]
+    weights = [[math.nan if w is None else w for w in row] for row in report.models[1].depth_attention.weights]
+    assert torch.allclose(torch.tensor(left[1]), torch.tensor(weights, dtype=torch.float64), equal_nan=True)
+    assert torch.allclose(torch.tensor(change[1]), torch.tensor(right[1] - left[1]), equal_nan=True)
+    assert abs(torch.nan_to_num(torch.tensor(change[1]))).max() > 0.01  # random queries moved the weights
+
+
 def test_plots_false_needs_no_matplotlib(insp_make_model, insp_tokenizer, tmp_path, monkeypatch):
     from hf_attnres.inspection.plots import PlotDependencyError, require_matplotlib
 
@@ -281,12 +304,12 @@ def test_plots_false_needs_no_matplotlib(insp_make_model, insp_tokenizer, tmp_pa
 def test_read_texts(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("First paragraph\nwrapped here.\n\nSecond one.\n")
-    assert read_texts(txt) == ["First paragraph wrapped here.", "Second one."]
+    assert read_texts(txt) == [txt.read_text()]  # one document per file, as train and eval read it
     jl = tmp_path / "a.jsonl"
     jl.write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": "three"}\n')
     assert read_texts(jl, max_texts=2) == ["one", "two"]
     jl.write_text('{"content": "one"}\n')
-    with pytest.raises(ValueError, match='"text"'):
+    with pytest.raises(ValueError, match="text"):
         read_texts(jl)
     with pytest.raises(FileNotFoundError):
         read_texts(tmp_path / "missing.txt")

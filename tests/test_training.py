@@ -22,7 +22,8 @@ from hf_attnres.training.data import (
     tokenize_and_pack,
 )
 from hf_attnres.training.evaluate import evaluate
-from hf_attnres.training.optim import is_attn_res_param, lr_factor, param_groups
+from hf_attnres.training.config import TrainConfig
+from hf_attnres.training.optim import build_scheduler, is_attn_res_param, param_groups
 from hf_attnres.training.trainer import accumulate_gradients
 
 
@@ -46,15 +47,41 @@ def tiny_model(seed=0, queries="zero"):
     return model
 
 
-def test_lr_schedules():
-    warm = [lr_factor(s, 100, 10, "cosine", 0.1, 0.2) for s in range(10)]
-    assert warm == pytest.approx([(s + 1) / 10 for s in range(10)])
-    assert lr_factor(10, 100, 10, "cosine", 0.1, 0.2) == pytest.approx(1.0)
-    assert lr_factor(55, 100, 10, "cosine", 0.1, 0.2) == pytest.approx(0.55)  # half way: (1 + 0.1) / 2
-    assert lr_factor(100, 100, 10, "cosine", 0.1, 0.2) == pytest.approx(0.1)
-    wsd = [lr_factor(s, 100, 10, "wsd", 0.0, 0.2) for s in range(100)]
-    assert wsd[10:80] == [1.0] * 70 and wsd[89] == pytest.approx(0.5) and wsd[99] == pytest.approx(0.0)
-    assert lr_factor(50, 100, 0, "constant", 0.1, 0.2) == 1.0
+def _lrs(total: int, n: int, **kw) -> list[float]:
+    """The learning rate each of `n` optimizer steps runs with (peak lr 1), stepping as the trainer does."""
+    cfg = TrainConfig(model="m", output_dir="o", lr=1.0, **kw)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(opt, cfg, total)
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    return out
+
+
+def test_lr_schedules_follow_their_formulas():
+    """Against the formulas (linear warmup s/w from 0; cosine to min_lr_ratio; WSD with a linear decay over
+    the last decay_ratio of the steps), including steps past the horizon (clamped, not climbing back)."""
+    w, total, lo = 10, 100, 0.1
+    cosine = [s / w if s < w else lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * (min(s, total) - w) / (total - w)))
+              for s in range(130)]
+    assert _lrs(total, 130, scheduler="cosine", warmup_steps=w, min_lr_ratio=lo) == pytest.approx(cosine)
+    assert cosine[55] == pytest.approx(0.55) and cosine[129] == pytest.approx(lo)  # half way; past the end
+
+    decay = 20  # decay_ratio 0.2 of 100 steps
+    wsd = [lo + (1 - lo) * s / w if s < w else 1.0 if s < total - decay
+           else lo + (1 - lo) * (1 - (min(s, total) - (total - decay)) / decay) for s in range(110)]
+    assert _lrs(total, 110, scheduler="wsd", warmup_steps=w, min_lr_ratio=lo, decay_ratio=0.2) == pytest.approx(wsd)
+    assert wsd[10:80] == [1.0] * 70 and wsd[90] == pytest.approx(0.55) and wsd[105] == pytest.approx(lo)
+
+    assert _lrs(50, 60, scheduler="constant", warmup_steps=0) == [1.0] * 60
+    assert _lrs(50, 60, scheduler="constant", warmup_ratio=0.1) == pytest.approx([min(1.0, s / 5) for s in range(60)])
+    # schedule_steps keeps the horizon of a shorter run: the cosine ends at step 50 and stays at its minimum
+    kept = _lrs(total, total, scheduler="cosine", warmup_steps=w, min_lr_ratio=lo, schedule_steps=50)
+    assert kept[:50] == pytest.approx([s / w if s < w else lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * (s - w) / 40))
+                                       for s in range(50)])
+    assert kept[50:] == pytest.approx([lo] * 50)
 
 
 def test_param_groups_give_attnres_own_lr_and_no_decay():

@@ -61,12 +61,10 @@ def test_two_processes_match_one_process_with_double_accumulation(tmp_path):
     assert "on 2 process(es)" in text
 
     reset_accelerate()
-    from hf_attnres.cli import build_parser
-    from hf_attnres.training.cli import config_from_args
+    from hf_attnres.cli import parse_config
 
-    args = build_parser().parse_args(["train", str(model), "--output-dir", str(tmp_path / "one"), "--data", str(data),
-                                      "--grad-accum", "2", *COMMON])
-    one = train(config_from_args(args))
+    one = train(parse_config(["train", str(model), "--output-dir", str(tmp_path / "one"), "--data", str(data),
+                              "--grad-accum", "2", *COMMON]))
     reset_accelerate()
 
     loss_two = [r["loss"] for r in read_metrics(two / "metrics.jsonl", "train")]

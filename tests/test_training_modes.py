@@ -10,7 +10,7 @@ from test_training_helpers import load_weights, make_attnres_dir, make_llama_dir
 
 from hf_attnres.cli import main as cli_main
 from hf_attnres.training import TrainConfig, train
-from hf_attnres.training.output import push_folder
+from hf_attnres.hub import push_folder
 
 
 def _is_attnres(name: str) -> bool:
@@ -92,8 +92,8 @@ def test_final_folder_is_hub_ready_and_push_uploads_it(inputs, tmp_path):
             self.calls.append(("upload_folder", folder_path, repo_id))
             return "https://hub.example/commit/1"
 
-    assert push_folder(folder, "me/attnres-tiny", api=FakeApi()) == "https://hub.example/commit/1"
-    assert FakeApi.calls == [("create_repo", "me/attnres-tiny", False, True),
+    assert push_folder(folder, "me/attnres-tiny", api=FakeApi())[1] == "https://hub.example/commit/1"
+    assert FakeApi.calls == [("create_repo", "me/attnres-tiny", None, True),
                              ("upload_folder", str(folder), "me/attnres-tiny")]
 
 
@@ -146,29 +146,35 @@ def test_streaming_jsonl_holds_out_first_documents_and_trains(tmp_path):
 
 
 def test_streaming_never_trains_on_held_out_documents_in_any_pass(tmp_path):
-    """Each pass re-shuffles the stream (set_epoch): the held-out documents must stay the file's first N."""
+    """Each pass re-shuffles the stream (set_epoch): the held-out documents must stay the file's first N.
+    Document i is tokenised as [i] * 5 + [EOS], so the packed blocks tell which documents they came from."""
     from contextlib import nullcontext
 
     from hf_attnres.training.data import build_train_data
 
-    texts = [f"document {i} " * 5 for i in range(30)]
+    texts = [f"{i} " * 5 for i in range(30)]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     cfg = TrainConfig(model="unused", output_dir=str(tmp_path / "run"), data=[str(tmp_path / "docs.jsonl")],
-                      streaming=True, validation_documents=4, max_steps=1, seq_len=8)
+                      streaming=True, validation_documents=4, max_steps=1, seq_len=6)
     data = build_train_data(cfg, _WordTokenizer(), nullcontext)
-    stream = data.train_stream.ds
+    assert sorted(set(data.val_blocks.flatten().tolist()) - {_WordTokenizer.eos_token_id}) == [0, 1, 2, 3]
+    stream, orders = data.train_stream, []
     for epoch in range(3):
         stream.set_epoch(epoch)
-        assert sorted(d["text"] for d in stream) == sorted(texts[4:]), epoch
+        blocks = [b["input_ids"].tolist() for b in stream]
+        assert all(b == [b[0]] * 5 + [_WordTokenizer.eos_token_id] for b in blocks), epoch  # one document each
+        assert sorted(b[0] for b in blocks) == list(range(4, 30)), epoch
+        orders.append([b[0] for b in blocks])
+    assert orders[0] != orders[1]  # re-shuffled per pass
 
 
 class _WordTokenizer:
-    """Tokenizer stand-in for packing: one id per word."""
+    """Tokenizer stand-in for packing: a number's word is its id."""
 
-    eos_token_id = 0
+    eos_token_id = 999
 
     def __call__(self, texts, **kwargs):
-        return {"input_ids": [[len(w) for w in t.split()] for t in texts]}
+        return {"input_ids": [[int(w) for w in t.split()] for t in texts]}
 
 
 def test_sharded_final_save_rebuilds_a_plain_model_from_the_gathered_state_dict(inputs):

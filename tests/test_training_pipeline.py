@@ -10,7 +10,7 @@ from test_training_helpers import make_llama_dir, make_text_dir, reset_accelerat
 from hf_attnres.cli import main as cli_main
 
 
-def test_run_converts_trains_saves_and_reloads_with_remote_code(tmp_path, capsys):
+def test_run_converts_trains_saves_and_reloads_with_remote_code(tmp_path, capsys, monkeypatch):
     from hf_attnres import conversion
 
     if not hasattr(conversion, "convert_checkpoint"):
@@ -28,6 +28,15 @@ def test_run_converts_trains_saves_and_reloads_with_remote_code(tmp_path, capsys
     assert summary["conversion"]["max_abs_logit_diff"] < 1e-4
     sample = summary["sample"]
     assert sample["class"].startswith("transformers_modules.") and not sample["hf_attnres_imported"]
+    # greedy with the KV cache after the reload = without it = in this process
+    assert sample["tokens"] == sample["uncached_tokens"] == summary["sample_in_process"]["tokens"]
+    assert len(sample["tokens"]) == 3 and summary["sample_check"] == "identical"
+    after = out / "inspection" / "after"
+    assert {"depth_attention.png", "depth_attention_compare.png", "magnitudes.png"} <= {
+        p.name for p in after.iterdir()}
+    labels = [m["label"] for m in json.loads((after / "inspection.json").read_text())["models"]]
+    assert labels == ["trained", "converted"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]  # keep_last=1
     for key in ("converted", "final", "metrics"):
         assert (tmp_path / summary["paths"][key]).exists(), key
     printed = capsys.readouterr().out
@@ -38,3 +47,23 @@ def test_run_converts_trains_saves_and_reloads_with_remote_code(tmp_path, capsys
     again = json.loads((out / "run_summary.json").read_text())
     assert again["perplexity_after"] == pytest.approx(summary["perplexity_after"], rel=1e-6)
     assert "reusing the conversion" in capsys.readouterr().out
+
+    from hf_attnres.training import pipeline
+
+    real = pipeline.generate_sample
+    monkeypatch.setattr(pipeline, "generate_sample", lambda *a: {**real(*a), "tokens": [-1], "text": "elsewhere"})
+    assert cli_main([*args, "--no-inspect"]) == 2  # the reloaded folder no longer generates what this process does
+    reset_accelerate()
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # one line, no traceback
+    assert len(errors) == 1 and "does not reproduce the trained model" in errors[0] and "'elsewhere'" in errors[0]
+
+
+def test_sample_problem_names_the_disagreement(tmp_path):
+    from hf_attnres.training.pipeline import sample_problem
+
+    same = {"text": " is", "tokens": [1, 2], "uncached_text": " is", "uncached_tokens": [1, 2]}
+    assert sample_problem({"text": " is", "tokens": [1, 2]}, same, tmp_path) is None
+    broken_cache = {**same, "text": ",,", "tokens": [3, 3]}
+    assert "with its KV cache but ' is' without" in sample_problem({"text": " is", "tokens": [1, 2]}, broken_cache,
+                                                                    tmp_path)
+    assert "this process generated ' it'" in sample_problem({"text": " it", "tokens": [1, 5]}, same, tmp_path)

@@ -7,12 +7,12 @@ that it computes the same logits and generates (with its KV cache) what this pro
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 
 RELOAD = textwrap.dedent("""
@@ -77,14 +77,22 @@ def run_demo(out_dir: str | os.PathLike, *, layers: int = 8, hidden: int = 128, 
     return {"folder": folder, "generated": remote["generated"], "max_logit_difference": diff}
 
 
+@dataclass
+class DemoConfig:
+    """`hf-attnres demo` (the options of `run_demo`)."""
+
+    out: str = field(default="runs/demo", metadata={"help": "output folder"})
+    mode: str = field(default="block", metadata={"help": "AttnRes variant", "choices": ("block", "full", "none")})
+    layers: int = field(default=8, metadata={"help": "decoder layers"})
+    hidden: int = field(default=128, metadata={"help": "hidden size"})
+    new_tokens: int = field(default=16, metadata={"help": "tokens generated"})
+    force: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="build, save, reload (trust_remote_code) and generate with a small model",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--mode", choices=["block", "full", "none"], default="block")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.set_defaults(func=lambda a: run_demo(a.out, layers=a.layers, hidden=a.hidden, new_tokens=a.new_tokens,
-                                           mode=a.mode, force=a.force) and 0)
+    from .cli import add_job
+
+    add_job(subparsers, "demo", DemoConfig, lambda c: run_demo(c.out, layers=c.layers, hidden=c.hidden,
+                                                                new_tokens=c.new_tokens, mode=c.mode,
+                                                                force=c.force) and 0,
+            help="build, save, reload (trust_remote_code) and generate with a small model", description=__doc__)

@@ -23,21 +23,61 @@ def _check_writable_target(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} is not empty: choose another output path, or pass overwrite=True (--force).")
 
 
+def umask() -> int:
+    """The process umask, read without changing it (os.umask would briefly change it for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(parent: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
+    """Delete `.NAME.tmp-PID-*` / `.NAME.old-PID` folders that `atomic_output_dir` left in `parent` when its
+    process was killed: those whose process is gone (or that name none: older releases). A folder of a
+    live process (a save under way) is left alone. Returns what was removed."""
+    parent, removed = Path(parent), []
+    if not parent.is_dir():
+        return removed
+    for name in names:
+        for tmp in [*parent.glob(f".{name}.tmp-*"), *parent.glob(f".{name}.old-*")]:
+            pid = tmp.name.split(".tmp-" if ".tmp-" in tmp.name else ".old-", 1)[1].split("-", 1)[0]
+            if tmp.is_dir() and not (pid.isdigit() and _pid_alive(int(pid))):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `path` that replaces `path` only on success.
 
-    A failure (or Ctrl-C) leaves `path` untouched and no half-written folder behind.
+    A failure (or Ctrl-C) leaves `path` untouched and no half-written folder behind; a `kill -9` leaves
+    `.NAME.tmp-PID-*`, which `remove_stale_temporaries` deletes later. The folder gets the permissions of a
+    plain `mkdir` under the umask (mkdtemp's are 0700, unreadable to other users of a shared machine).
     """
     path = Path(path)
     _check_writable_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    tmp.chmod(0o777 & ~umask())
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
@@ -94,9 +134,10 @@ def save_for_hub(
     return path
 
 
-def push_folder(folder: str | Path, repo_id: str, *, commit_message: str, private: bool | None = None,
-                api=None) -> tuple[str, str]:
+def push_folder(folder: str | Path, repo_id: str, *, commit_message: str = "Upload AttnRes model (hf-attnres)",
+                private: bool | None = None, api=None) -> tuple[str, str]:
     """Upload a finished folder to the Hub, creating the repo if needed; returns (repo id, commit URL).
+    The one upload helper of the package (conversion, training and the run job call it).
 
     The repo id is the one `create_repo` returns: a bare name gains the user's namespace.
     """

@@ -61,8 +61,10 @@ def render_model_card(
         "```python\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("{model_id}", trust_remote_code=True)\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{model_id}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{model_id}", trust_remote_code=True)\n'
         "```",
+        "(The tokenizer is a standard one; `AutoTokenizer` reads the folder's config first, whose custom model "
+        "type needs the flag too, or it stops to ask.)",
         "With `pip install hf-attnres` and `import hf_attnres`, the same call works without "
         "`trust_remote_code` (the installed code is used).",
         "## Settings",

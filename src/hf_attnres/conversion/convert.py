@@ -175,25 +175,42 @@ def _fits_in_memory(num_parameters: int) -> bool:
     return _verification_bytes(num_parameters) < available
 
 
+@dataclass
+class ConvertConfig:
+    """A conversion (`hf-attnres convert --help` documents each field; `convert_checkpoint` the behaviour)."""
+
+    src: str = field(metadata={"positional": "SRC", "help": "local checkpoint folder, Hub repo id, or .gguf file "
+                               "(in Python also a `Source` from `open_source`)"})
+    out: str = field(metadata={"positional": "OUT", "help": "output folder (written to a temporary folder, renamed "
+                               "when complete)"})
+    mode: str = field(default="block", metadata={"help": "AttnRes variant", "choices": ("block", "full")})
+    block_size: int | None = field(default=None, metadata={"help": "sublayers per block, even (default: smallest "
+                                                           "giving at most 8 blocks)"})
+    dtype: str | None = field(default=None, metadata={"help": "output dtype (default: the source's)",
+                                                      "choices": ("auto", *DTYPES)})
+    max_shard_size: str | int = field(default="2GB", metadata={"help": "largest output shard, e.g. 2GB, 500MB; "
+                                      "output shards follow the source's and are split further only above this size"})
+    verify: bool | None = field(default=None, metadata={"help": "compare with the source and fail above --tolerance "
+                                "(default: on when a model fits in memory)"})
+    tolerance: float = field(default=FP32_TOLERANCE, metadata={"help": "largest max |logit difference| accepted "
+                                                               "in fp32"})
+    force: bool = field(default=False, metadata={"help": "replace a non-empty OUT"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "upload the finished folder to this Hub repo",
+                                                            "metavar": "REPO"})
+    private: bool | None = field(default=None, metadata={"help": "with --push-to-hub: create a private repo"})
+    base_model: str | None = field(default=None, metadata={"help": "model-card base_model when the source does "
+                                                           "not name it"})
+    license: str | None = field(default=None, metadata={"help": "model-card license when the source does not "
+                                                        "state it"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+
 def convert_checkpoint(
-    src: str | os.PathLike | Source,
-    out: str | os.PathLike,
-    *,
-    mode: str = "block",
-    block_size: int | None = None,
-    dtype: str | torch.dtype | None = None,
-    max_shard_size: str | int = "2GB",
-    verify: bool | None = None,
-    tolerance: float = FP32_TOLERANCE,
-    force: bool = False,
-    push_to_hub: str | None = None,
-    progress: bool = True,
-    base_model: str | None = None,
-    license: str | None = None,
-    private: bool | None = None,
+    config: ConvertConfig | str | os.PathLike | Source, out: str | os.PathLike | None = None, **options
 ) -> ConversionReport:
     """Convert a Llama/Mistral/Qwen2/Qwen3 checkpoint into an AttnRes folder that equals it at initialisation.
 
+    Call it with a `ConvertConfig`, or as `convert_checkpoint(src, out, mode="block", ...)` with the same fields.
     `src`: a local folder (safetensors, single or sharded, or `.bin`), a Hub repo id, a `.gguf` file
     (dequantised through transformers: the only source built in memory), or a `Source` from `open_source`
     (e.g. to convert one dequantised GGUF several ways). Folders are streamed shard by shard, never loaded
@@ -203,6 +220,15 @@ def convert_checkpoint(
     `push_to_hub`: upload the finished folder to this repo. `base_model` / `license`: model-card metadata when
     the source does not state them.
     """
+    if isinstance(config, ConvertConfig):
+        if out is not None or options:
+            raise TypeError("pass either a ConvertConfig or (src, out, **options), not both")
+    else:
+        config = ConvertConfig(src=config, out=out, **options)
+    src, out, mode, block_size, dtype = config.src, config.out, config.mode, config.block_size, config.dtype
+    max_shard_size, verify, tolerance, force = config.max_shard_size, config.verify, config.tolerance, config.force
+    push_to_hub, progress, base_model, license = config.push_to_hub, config.progress, config.base_model, config.license
+    private = config.private
     start = time.perf_counter()
     out_dtype = parse_dtype(dtype)
     source = src if isinstance(src, Source) else open_source(src)

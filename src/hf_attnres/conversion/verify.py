@@ -15,9 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
-
-from ..modeling.modeling_attnres import CACHE_ARG
+from transformers import GenerationConfig
 
 FP32_TOLERANCE = 1e-4  # max |logit difference| allowed in fp32 (float rounding is ~1e-6 on real checkpoints)
 GREEDY_TOKENS = 64
@@ -68,6 +66,7 @@ class Verification:
     greedy_converted: list[int]
     greedy_text_source: str | None
     greedy_text_converted: str | None
+    greedy_converted_uncached: list[int] | None = None  # the converted model without the KV cache
     tolerance: float = FP32_TOLERANCE
     fp32_noise_floor: float | None = None  # max |source(eager attention) - source(sdpa)|: the source's own fp32 noise
     half: HalfPrecision | None = None  # set when the output is half precision
@@ -77,8 +76,14 @@ class Verification:
         return self.greedy_source == self.greedy_converted
 
     @property
+    def cache_consistent(self) -> bool:
+        """Cached greedy decoding of the converted model gives what it gives without the cache."""
+        return self.greedy_converted_uncached is None or self.greedy_converted == self.greedy_converted_uncached
+
+    @property
     def passed(self) -> bool:
-        return math.isfinite(self.max_abs_logit_diff) and self.max_abs_logit_diff <= self.tolerance
+        return math.isfinite(self.max_abs_logit_diff) and self.max_abs_logit_diff <= self.tolerance \
+            and self.cache_consistent
 
     def as_rows(self) -> list[tuple[str, str]]:
         """(figure, value) rows for the model card and the CLI summary."""
@@ -88,9 +93,11 @@ class Verification:
             ("perplexity, source (fp32)", _fmt(self.ppl_source)),
             ("perplexity, converted (fp32)", _fmt(self.ppl_converted)),
             (
-                f"greedy continuation ({len(self.greedy_source)} tokens) identical",
+                f"greedy continuation ({len(self.greedy_source)} tokens, generate with the cache) identical",
                 "yes" if self.greedy_identical else "no",
             ),
+            ("converted model's greedy continuation with the cache = without it",
+             "-" if self.greedy_converted_uncached is None else "yes" if self.cache_consistent else "NO"),
         ]
         if h := self.half:
             rows += [
@@ -150,17 +157,16 @@ def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def greedy(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
-    """`new_tokens` argmax tokens with the KV cache, ignoring EOS (exercises cached decoding too)."""
-    cache = {CACHE_ARG: DynamicCache(config=model.config)}  # the installed release's name for it
-    out = model(input_ids=prompt, use_cache=True, **cache)
-    tokens = []
-    while True:
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        tokens.append(int(nxt))
-        if len(tokens) == new_tokens:
-            return tokens
-        out = model(input_ids=nxt, use_cache=True, **cache)
+def greedy(model, prompt: torch.Tensor, new_tokens: int, *, use_cache: bool = True) -> list[int]:
+    """`new_tokens` tokens of `generate` (greedy, EOS ignored): what users run, cached unless told otherwise.
+
+    A transformers release once broke cached generation while uncached logits stayed identical, so the
+    converter checks both paths.
+    """
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              use_cache=use_cache, eos_token_id=None, pad_token_id=0)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+    return out[0, prompt.shape[1]:].tolist()
 
 
 def _attention_noise(model, sequences: list[torch.Tensor], reference: list[torch.Tensor]) -> float | None:
@@ -216,6 +222,7 @@ def verify_conversion(
     conv = _logits(converted, sequences)
     ppl_conv = _perplexity(conv[0], text) if tokenizer is not None else None
     greedy_conv = greedy(converted, prompt, new_tokens)
+    greedy_uncached = greedy(converted, prompt, new_tokens, use_cache=False)
     result = Verification(
         max_abs_logit_diff=_max_diff(src, conv),
         ppl_source=ppl_src,
@@ -224,6 +231,7 @@ def verify_conversion(
         greedy_converted=greedy_conv,
         greedy_text_source=tokenizer.decode(greedy_src) if tokenizer is not None else None,
         greedy_text_converted=tokenizer.decode(greedy_conv) if tokenizer is not None else None,
+        greedy_converted_uncached=greedy_uncached,
         tolerance=tolerance,
         fp32_noise_floor=noise,
     )
@@ -240,7 +248,13 @@ def verify_conversion(
 
 
 def check(result: Verification) -> None:
-    """Raise `VerificationError` unless the fp32 difference is within tolerance."""
+    """Raise `VerificationError` unless the fp32 difference is within tolerance and cached decoding agrees."""
+    if not result.cache_consistent:
+        raise VerificationError(
+            f"the converted model's greedy continuation with the KV cache ({result.greedy_converted[:8]}...) differs "
+            f"from the one without it ({result.greedy_converted_uncached[:8]}...): cached generation is broken with "
+            "this transformers release. Nothing was written. Please report it with `pip show transformers`."
+        )
     if not result.passed:
         raise VerificationError(
             f"the converted model differs from the source: max |logit difference| {result.max_abs_logit_diff:.3g} in "

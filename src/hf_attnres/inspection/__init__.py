@@ -4,7 +4,7 @@
     from hf_attnres.inspection import inspect_model
     report = inspect_model(model, tokenizer, texts, "out/", compare_with=llama)   # PNGs + inspection.json
 
-The command line is `hf-attnres inspect MODEL --out DIR` (see `hf_attnres.inspection.cli`).
+The command line is `hf-attnres inspect MODEL --out DIR`, which runs `inspect_model(InspectConfig(...))`.
 """
 
 from .collect import (
@@ -16,11 +16,12 @@ from .collect import (
     read_texts,
     tokenize_batches,
 )
-from .report import InspectionReport, inspect_model, load_model
+from .report import InspectConfig, InspectionReport, inspect_model, load_model
 
 __all__ = [
     "DEFAULT_TEXTS",
     "DepthAttentionMap",
+    "InspectConfig",
     "InspectionReport",
     "ModelInspection",
     "collect_inspection",

@@ -18,7 +18,6 @@ decoder layer t is sublayer 2t, its MLP 2t+1):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -114,37 +113,16 @@ def sublayer_name(index: int) -> str:
 # Texts
 # --------------------------------------------------------------------------------------------------------
 def read_texts(path: str | Path, max_texts: int | None = None) -> list[str]:
-    """Texts from a `.jsonl` file (one object with a "text" field per line) or a `.txt` file (one text per
-    paragraph, paragraphs separated by blank lines, so hard-wrapped prose stays whole)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Text file {str(path)!r} does not exist.")
-    texts: list[str] = []
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number} is not valid JSON ({e.msg}).") from e
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f'{path}:{number} has no string "text" field.')
-                if record["text"].strip():
-                    texts.append(record["text"])
-                if max_texts is not None and len(texts) >= max_texts:
-                    break
-    elif path.suffix in (".txt", ".md", ""):
-        paragraphs = path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n\n")
-        texts = [" ".join(p.split()) for p in paragraphs if p.strip()]
-    else:
-        raise ValueError(f"Unsupported text file {str(path)!r}: use .txt (paragraphs) or .jsonl (a \"text\" field).")
-    if max_texts is not None:
-        texts = texts[:max_texts]
+    """Texts of a file or folder as `train` and `eval` read them (`load_documents`: a `.txt`/`.md` file is one
+    text, a `.jsonl`/`.json`/`.parquet` row is one), so every command agrees on what a document is."""
+    from ..training.data import load_documents
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"text file {path} does not exist.")
+    texts = [t for t in load_documents([str(path)])["text"] if t.strip()]
     if not texts:
-        raise ValueError(f"No text found in {str(path)!r}.")
-    return texts
+        raise ValueError(f"no text found in {path}: give a file with text in it.")
+    return texts[:max_texts] if max_texts is not None else texts
 
 
 def tokenize_batches(

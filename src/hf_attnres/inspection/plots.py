@@ -49,46 +49,31 @@ def _mode_text(insp: ModelInspection) -> str:
 # --------------------------------------------------------------------------------------------------------
 # Depth-attention heatmap
 # --------------------------------------------------------------------------------------------------------
-def plot_depth_attention(insp: ModelInspection, path: str | Path) -> Path:
-    """Heatmap of the mean depth-attention weights: which earlier sources each sublayer reads from."""
-    require_matplotlib()
+def _depth_values(insp: ModelInspection):
     import numpy as np
-    from matplotlib.colors import Normalize, PowerNorm
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch, Rectangle
 
     dm: DepthAttentionMap | None = insp.depth_attention
     if dm is None:
         raise ValueError(f"{insp.label!r} has no depth attention (standard residuals): nothing to draw.")
-    nrows, ncols = len(dm.rows), len(dm.columns)
-    values = np.array([[np.nan if w is None else w for w in row] for row in dm.weights], dtype=float)
+    return dm, np.array([[np.nan if w is None else w for w in row] for row in dm.weights], dtype=float)
+
+
+def _heatmap(ax, insp: ModelInspection, values, scale, cmap, annotate: bool, fmt: str = "{:.2f}",
+             row_labels: bool = True, dark: Any = lambda t: t < 0.55):
+    """Draw one depth map (weights or a difference) on `ax`: masked cells blank, partial sums hatched,
+    block boundaries and the final aggregation ruled."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    dm = insp.depth_attention
+    nrows, ncols = values.shape
     data = np.ma.masked_invalid(values)
-
-    annotate = ncols <= 16 and nrows <= 80
-    cell_w = 0.62 if annotate else max(0.12, min(0.4, 12.0 / ncols))
-    cell_h = 0.22 if nrows <= 40 else 0.16
-    width = min(22.0, max(7.5, 2.6 + cell_w * ncols + 1.6))
-    height = min(30.0, max(4.5, 2.0 + cell_h * nrows))
-    fig = Figure(figsize=(width, height), layout="constrained")
-    ax = fig.add_subplot()
-
-    import matplotlib
-
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
-    # Many sources give small weights (~1/n): a square-root colour scale keeps them apart.
-    sqrt_scale = ncols > 12
-    scale = PowerNorm(0.5, vmin=0.0, vmax=1.0) if sqrt_scale else Normalize(vmin=0.0, vmax=1.0)
     image = ax.imshow(data, cmap=cmap, norm=scale, aspect="auto", interpolation="nearest")
-    cbar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
-    cbar.set_label("mean depth-attention weight (each row sums to 1)"
-                   + ("; square-root colour scale" if sqrt_scale else ""))
-
-    # Partial sums of the row's own block: hatched; masked cells stay blank.
     for r, c in enumerate(dm.partial):
         if c is not None:
-            dark = scale(values[r, c]) < 0.55
             ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="//",
-                                   edgecolor="white" if dark else "black", linewidth=0.0, alpha=0.8))
+                                   edgecolor="white" if dark(scale(values[r, c])) else "black", linewidth=0.0,
+                                   alpha=0.8))
     if annotate:
         size = 7 if nrows <= 40 else 5.5
         for r in range(nrows):
@@ -97,16 +82,13 @@ def plot_depth_attention(insp: ModelInspection, path: str | Path) -> Path:
                     v = values[r, c]
                     box = None
                     if dm.partial[r] == c:  # keep the number readable over the hatching
-                        box = dict(boxstyle="square,pad=0.15", facecolor=cmap(v), edgecolor="none")
-                    ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=size,
-                            color="white" if scale(v) < 0.55 else "black", bbox=box)
-
-    # Block boundaries (the row that closes the previous block) and the final aggregation.
+                        box = dict(boxstyle="square,pad=0.15", facecolor=cmap(scale(v)), edgecolor="none")
+                    ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=size,
+                            color="white" if dark(scale(v)) else "black", bbox=box)
     if dm.mode == "block" and dm.block_size:
         for r in range(dm.block_size, nrows - 1, dm.block_size):
             ax.axhline(r - 0.5, color="black", linewidth=0.8)
     ax.axhline(nrows - 1.5, color="black", linewidth=1.5)
-
     ax.set_xticks(range(ncols))
     rotate = ncols > 10
     ax.set_xticklabels(_column_labels(dm, insp.num_sublayers), rotation=60 if rotate else 0,
@@ -114,11 +96,24 @@ def plot_depth_attention(insp: ModelInspection, path: str | Path) -> Path:
     step = 1 if nrows <= 80 else math.ceil(nrows / 80)
     ticks = list(range(0, nrows - 1, step)) + [nrows - 1]
     ax.set_yticks(ticks)
-    ax.set_yticklabels([dm.rows[r] for r in ticks], fontsize=8 if nrows <= 40 else 6)
+    ax.set_yticklabels([dm.rows[r] for r in ticks] if row_labels else [], fontsize=8 if nrows <= 40 else 6)
     ax.set_xlabel("source attended to (embedding, then " + ("earlier sublayer outputs)" if dm.mode == "full"
                   else "block sums of sublayer outputs)"))
-    ax.set_ylabel("sublayer reading the sources (top = first)")
+    if row_labels:
+        ax.set_ylabel("sublayer reading the sources (top = first)")
     ax.tick_params(axis="both", length=2)
+    return image
+
+
+def _weight_scale(ncols: int):
+    """Many sources give small weights (~1/n): a square-root colour scale keeps them apart."""
+    from matplotlib.colors import Normalize, PowerNorm
+
+    return PowerNorm(0.5, vmin=0.0, vmax=1.0) if ncols > 12 else Normalize(vmin=0.0, vmax=1.0)
+
+
+def _legend(fig, dm: DepthAttentionMap) -> None:
+    from matplotlib.patches import Patch
 
     handles = [Patch(facecolor="white", edgecolor="grey", label="not available to this sublayer yet")]
     if any(c is not None for c in dm.partial):
@@ -126,9 +121,72 @@ def plot_depth_attention(insp: ModelInspection, path: str | Path) -> Path:
                                 label="partial sum of the sublayer's own block"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
 
-    fig.suptitle(f"Depth attention of {insp.label}: where each sublayer reads its input from", fontsize=11)
+
+def _size(nrows: int, ncols: int, panels: int = 1) -> tuple[tuple[float, float], bool]:
+    annotate = ncols <= 16 and nrows <= 80
+    cell_w = 0.62 if annotate else max(0.12, min(0.4, 12.0 / ncols))
+    cell_h = 0.22 if nrows <= 40 else 0.16
+    width = min(22.0 * panels, max(7.5, 2.6 + cell_w * ncols + 1.6) * panels)
+    return (width, min(30.0, max(4.5, 2.0 + cell_h * nrows))), annotate
+
+
+def plot_depth_attention(insp: ModelInspection, path: str | Path) -> Path:
+    """Heatmap of the mean depth-attention weights: which earlier sources each sublayer reads from."""
+    require_matplotlib()
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    dm, values = _depth_values(insp)
+    (width, height), annotate = _size(*values.shape)
+    fig = Figure(figsize=(width, height), layout="constrained")
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    scale = _weight_scale(values.shape[1])
+    image = _heatmap(ax, insp, values, scale, cmap, annotate)
+    cbar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
+    cbar.set_label("mean depth-attention weight (each row sums to 1)"
+                   + ("; square-root colour scale" if values.shape[1] > 12 else ""))
+    _legend(fig, dm)
+    fig.suptitle(f"Depth attention ({insp.label}): where each sublayer reads its input from", fontsize=11)
     ax.set_title(f"{_mode_text(insp)}; weights averaged over {insp.num_tokens} tokens of {insp.num_texts} "
                  "texts", fontsize=9)
+    path = Path(path)
+    fig.savefig(path, dpi=130)
+    return path
+
+
+def plot_depth_attention_compare(reference: ModelInspection, insp: ModelInspection, path: str | Path) -> Path:
+    """Two depth-attention maps side by side (`reference`, e.g. before training, then `insp`) on one colour
+    scale, and, when their layouts match, `insp` minus `reference`: what changed."""
+    require_matplotlib()
+    import matplotlib
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
+
+    (dm_a, a), (dm_b, b) = _depth_values(reference), _depth_values(insp)
+    same = a.shape == b.shape and dm_a.sources == dm_b.sources
+    panels = 3 if same else 2
+    (width, height), annotate = _size(*max(a.shape, b.shape), panels=panels)
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(1, panels, sharey=same)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    for ax, one, values in ((axes[0], reference, a), (axes[1], insp, b)):
+        image = _heatmap(ax, one, values, _weight_scale(values.shape[1]), cmap, annotate,
+                         row_labels=ax is axes[0] or not same)
+        ax.set_title(f"{one.label}: {_mode_text(one)}", fontsize=9)
+    fig.colorbar(image, ax=list(axes[:2]), fraction=0.04, pad=0.02).set_label("mean depth-attention weight")
+    if same:
+        diff = b - a
+        bound = max(float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 0.0, 1e-6)
+        dcmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="white")
+        image = _heatmap(axes[2], insp, diff, TwoSlopeNorm(0.0, -bound, bound), dcmap, annotate, fmt="{:+.2f}",
+                         row_labels=False, dark=lambda t: abs(t - 0.5) > 0.35)
+        axes[2].set_title(f"{insp.label} minus {reference.label} (largest change {bound:.3f})", fontsize=9)
+        fig.colorbar(image, ax=axes[2], fraction=0.05, pad=0.02).set_label("weight difference")
+    _legend(fig, dm_b)
+    fig.suptitle(f"Depth attention, {reference.label} and {insp.label}: where each sublayer reads its input from "
+                 f"({insp.num_tokens} tokens of {insp.num_texts} texts)", fontsize=11)
     path = Path(path)
     fig.savefig(path, dpi=130)
     return path

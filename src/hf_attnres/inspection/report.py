@@ -34,6 +34,44 @@ DEFINITIONS = {
 
 
 @dataclass
+class InspectConfig:
+    """An inspection from the command line or a config file (`hf-attnres inspect --help` documents each field)."""
+
+    model: str = field(metadata={"positional": "MODEL", "help": "AttnRes folder, Llama-style folder or Hub id"})
+    out: str = field(metadata={"help": "folder for the PNGs and inspection.json"})
+    compare: str | None = field(default=None, metadata={"metavar": "MODEL2", "help": "second model drawn beside "
+                                "the first (e.g. the original Llama, or the model before training)"})
+    text: list[str] | None = field(default=None, metadata={"help": "texts to run (repeatable; default: a few "
+                                   "English paragraphs)"})
+    data: str | None = field(default=None, metadata={"help": '.txt (one text per paragraph) or .jsonl (a "text" '
+                             "field per line), instead of --text"})
+    label: str | None = field(default=None, metadata={"help": "name of MODEL in the figures (default: from the "
+                              "path)"})
+    compare_label: str | None = field(default=None, metadata={"help": "name of MODEL2 in the figures"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder/id when MODEL has none (used "
+                                  "for MODEL2 too if it has none)"})
+    max_tokens: int = field(default=256, metadata={"help": "tokens per text, longer ones are cut"})
+    max_texts: int = field(default=64, metadata={"help": "at most this many texts from --data"})
+    batch_size: int = field(default=4, metadata={"help": "texts per forward pass"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, ... (auto: cuda if available)"})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype (RMS and gradient norms are summed in "
+                       "fp32 anyway)", "choices": ("float32", "bfloat16", "float16", "auto")})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the Hub folder"})
+    gradients: bool = field(default=True, metadata={"help": "backward pass and gradients.png (--no-gradients: "
+                            "skip it)"})
+    plots: bool = field(default=True, metadata={"help": "draw the PNGs (--no-plots: only inspection.json, no "
+                        "matplotlib needed)"})
+
+    def __post_init__(self) -> None:
+        if self.text and self.data:
+            raise ValueError("give texts with --text or --data, not both.")
+        if self.max_tokens < 2:
+            raise ValueError("--max-tokens must be at least 2.")
+        if self.batch_size < 1 or self.max_texts < 1:
+            raise ValueError("--batch-size and --max-texts must be positive.")
+
+
+@dataclass
 class InspectionReport:
     """What `inspect_model` measured and wrote: one `ModelInspection` per model, figure and JSON paths."""
 
@@ -57,8 +95,8 @@ def _slug(text: str) -> str:
 
 
 def inspect_model(
-    model: nn.Module,
-    tokenizer: Any,
+    model: nn.Module | InspectConfig,
+    tokenizer: Any = None,
     texts: Sequence[str] | str | None = None,
     out_dir: str | Path = "inspection",
     *,
@@ -74,13 +112,17 @@ def inspect_model(
     from, or the same model before training) on `texts` and write into `out_dir`:
 
     - `inspection.json`: every number behind the figures (format described in its "definitions");
-    - `depth_attention.png` (and `depth_attention_compare.png`) for models with AttnRes block/full;
+    - `depth_attention.png` for a model with AttnRes block/full; `depth_attention_compare.png` when the compared
+      model has one too: both maps side by side (the compared one first) and their difference;
     - `magnitudes.png`: hidden-state and output RMS across depth, both models overlaid;
     - `gradients.png`: output- and weight-gradient norms across depth (unless `gradients=False`).
 
     `texts` defaults to a few English paragraphs. matplotlib is needed only with `plots=True`; it is checked
-    before any measurement so a missing install fails fast.
+    before any measurement so a missing install fails fast. `inspect_model(InspectConfig(...))` loads the
+    models and texts the config names (what `hf-attnres inspect` runs).
     """
+    if isinstance(model, InspectConfig):
+        return _inspect_config(model)
     if plots:
         from .plots import require_matplotlib
 
@@ -100,17 +142,55 @@ def inspect_model(
 
     report = InspectionReport(models=models, out_dir=out_dir, json_path=out_dir / JSON_NAME)
     if plots:
-        from .plots import plot_depth_attention, plot_gradients, plot_magnitudes
+        from .plots import plot_depth_attention, plot_depth_attention_compare, plot_gradients, plot_magnitudes
 
-        for i, insp in enumerate(models):
-            if insp.depth_attention is not None:
-                name = "depth_attention" if i == 0 else "depth_attention_compare"
-                report.figures[name] = plot_depth_attention(insp, out_dir / f"{name}.png")
+        maps = [insp.depth_attention is not None for insp in models]
+        if maps[0]:
+            report.figures["depth_attention"] = plot_depth_attention(models[0], out_dir / "depth_attention.png")
+        if len(models) > 1 and maps[1]:  # the compared model on the left, this one beside it, and the change
+            path = out_dir / "depth_attention_compare.png"
+            report.figures["depth_attention_compare"] = (
+                plot_depth_attention_compare(models[1], models[0], path) if maps[0]
+                else plot_depth_attention(models[1], path))
         report.figures["magnitudes"] = plot_magnitudes(models, out_dir / "magnitudes.png")
         if gradients:
             report.figures["gradients"] = plot_gradients(models, out_dir / "gradients.png")
     report.json_path.write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
     return report
+
+
+def _inspect_config(cfg: InspectConfig) -> InspectionReport:
+    from .collect import read_texts
+
+    if cfg.plots:
+        from .plots import require_matplotlib
+
+        require_matplotlib()  # fail before loading models
+    texts = read_texts(cfg.data, max_texts=cfg.max_texts) if cfg.data else cfg.text
+    load = dict(dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = load_model(cfg.model, tokenizer=cfg.tokenizer, **load)
+    compare = None
+    if cfg.compare:
+        try:
+            compare = load_model(cfg.compare, **load)
+        except FileNotFoundError:
+            if not cfg.tokenizer:
+                raise
+            compare = load_model(cfg.compare, tokenizer=cfg.tokenizer, **load)
+    return inspect_model(
+        model, tokenizer, texts, cfg.out,
+        label=cfg.label or _path_label(cfg.model, model), compare_with=compare,
+        compare_label=cfg.compare_label or (_path_label(cfg.compare, compare[0]) if compare else None),
+        max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, gradients=cfg.gradients, plots=cfg.plots,
+    )
+
+
+def _path_label(name: str, model: nn.Module) -> str:
+    mode = getattr(model.config, "attn_res_mode", None)
+    base = Path(name.rstrip("/")).name or name
+    if mode is None:
+        return base
+    return f"{base} ({'AttnRes ' + mode if mode != 'none' else 'standard residuals'})"
 
 
 def _default_label(model: nn.Module) -> str:
@@ -131,31 +211,9 @@ def load_model(
     trust_remote_code: bool = False,
     tokenizer: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from an AttnRes folder, a Llama-style folder or a Hub id, ready to inspect."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) ready to inspect: the package's one loader, accepting Llama-style models too."""
+    from ..training.models import load_model as load
 
-    import hf_attnres  # noqa: F401  (registers the AttnRes Auto classes)
-
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype={dtype!r} is not valid: use one of {sorted(dtypes)}.")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    local = Path(name)
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-    if looks_local and not local.exists():
-        raise FileNotFoundError(f"Model folder {name!r} does not exist.")
-    if local.exists() and not (local / "config.json").is_file():
-        raise FileNotFoundError(f"{name!r} is a path but has no config.json: not a transformers model folder.")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtypes[dtype], trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise FileNotFoundError(f"Could not load model {name!r}: {e}") from e
-    try:
-        tok = AutoTokenizer.from_pretrained(tokenizer or name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(
-            f"Could not load a tokenizer from {tokenizer or name!r} ({e}); pass --tokenizer PATH."
-        ) from e
-    return model.to(device).eval(), tok
+    model, tok = load(name, dtype, device=device, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
+                      attnres_only=False)
+    return model.eval(), tok

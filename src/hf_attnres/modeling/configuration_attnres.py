@@ -59,11 +59,12 @@ class AttnResConfig(LlamaConfig):
         number of sources at that point. With zero pseudo-queries the output is the standard residual stream
         divided by `n`, and `RMSNorm_eps(x / n) = RMSNorm_{eps n^2}(x)`, so this makes a converted Llama
         exact (spec §4). It only changes a constant inside the norm; turn it off for paper-literal training.
-    attn_res_implementation (`str`, defaults to `"eager"`):
+    attn_res_implementation (`str`, defaults to `"auto"`):
         Which implementation computes the depth attention, by name (see `DepthAttentionInterface` in the modeling
-        file): `"eager"` is the reference, the equations in plain torch ops. `import hf_attnres` adds the
-        package's own; a name not available where the model loads falls back to `"eager"` with a warning. Every
-        implementation computes the same function; switch on a loaded model with
+        file): `"eager"` is the reference, the equations in plain torch ops; `"auto"` runs fla-core's fused
+        kernel (`"fla"`) on CUDA where that package is installed and the reference elsewhere. `import hf_attnres`
+        adds the package's own; a name not available where the model loads falls back to `"eager"` with a
+        warning. Every implementation computes the same function; switch on a loaded model with
         `model.set_attn_res_implementation(name)`.
     attn_res_backbone (`str`, defaults to `"llama"`):
         Which family's attention module each decoder layer uses: `"llama"`, `"mistral"` (sliding window),
@@ -83,7 +84,7 @@ class AttnResConfig(LlamaConfig):
     attn_res_block_size: int | None = None
     attn_res_scale_norm_eps: bool = True
     attn_res_backbone: str = "llama"
-    attn_res_implementation: str = "eager"
+    attn_res_implementation: str = "auto"
     sliding_window: int | None = None
     layer_types: list[str] | None = None
     attnres_version: str = ATTNRES_VERSION
@@ -115,7 +116,7 @@ class AttnResConfig(LlamaConfig):
             )
         if not isinstance(self.attn_res_implementation, str):
             raise ValueError(
-                f"attn_res_implementation={self.attn_res_implementation!r} is not valid: use a name such as 'eager'."
+                f"attn_res_implementation={self.attn_res_implementation!r} is not valid: use a name such as 'auto'."
             )
         size = self.attn_res_block_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 2 or size % 2):

@@ -9,11 +9,14 @@ w_l attends over earlier sources v_i,
 where the sources are the token embedding and every earlier sublayer output (Full AttnRes) or the block
 sums of those outputs (Block AttnRes). Everything else is the Llama decoder, reused from transformers.
 
-`depth_attention` is that equation and the default implementation (`attn_res_implementation="eager"`); others
-register by name in `DepthAttentionInterface`, as attention backends do in `AttentionInterface`.
+`depth_attention` is that equation, the reference implementation (`attn_res_implementation="eager"`); others
+register by name in `DepthAttentionInterface`, as attention backends do in `AttentionInterface`. The default,
+`"auto"`, runs fla-core's fused kernel on CUDA when that package is installed, the reference otherwise.
 Hub-portable: imports only torch, transformers, the standard library and the config file beside it.
 """
 
+import functools
+import importlib.util
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,6 +106,36 @@ def eager_depth_attention(
     return depth_attention(module.pseudo_query, module.key_norm.weight, module.key_norm.variance_epsilon, sources)
 
 
+# Optional packages providing implementations register here, inside `try:` (never required to load).
+# flash-linear-attention (`pip install fla-core`): `fla.ops.attnres.fused_attnres`, one Triton kernel per call,
+# forward and backward, fp32 inside, the sources read through pointers (no stacked copy). Found at import,
+# imported on first use on CUDA (importing fla takes seconds).
+FLA_AVAILABLE = importlib.util.find_spec("fla") is not None
+FLA_DEVICES = ("cuda",)  # where its kernel runs (the tests add "cpu" under Triton's interpreter)
+
+
+@functools.cache
+def _fla_fused_attnres() -> Callable | None:
+    try:  # by name: transformers' remote-code loader would otherwise demand the package
+        return importlib.import_module("fla.ops.attnres").fused_attnres
+    except Exception as error:  # installed but unusable (e.g. no working triton): the reference runs
+        logger.warning(f"fla-core is installed but its AttnRes kernel does not import ({error!r}); using 'eager'.")
+        return None
+
+
+def fla_depth_attention(module: "AttnResidual", sources: list[torch.Tensor], **kwargs):
+    """`depth_attention` by fla's fused kernel where it runs (CUDA, sources of one dtype, eager mode); the
+    reference elsewhere, including under torch.compile, which fuses the reference itself. Only the key norm is
+    fused: fla's optional output norm shares the key norm's eps and cannot be the reading norm's eps / n^2."""
+    usable = sources[0].device.type in FLA_DEVICES and not torch.compiler.is_compiling()
+    fused = _fla_fused_attnres() if usable and len({s.dtype for s in sources}) == 1 else None
+    if fused is None:  # e.g. under autocast the embedding is fp32 and the other sources bf16
+        return eager_depth_attention(module, sources)
+    h, alpha = fused(module.pseudo_query, sources, module.key_norm.weight,
+                     rms_eps=module.key_norm.variance_epsilon, return_weights=True)
+    return h, alpha.movedim(0, -1)  # weights [n, ...] -> [..., n]
+
+
 class DepthAttentionInterface(GeneralInterface):
     """Depth-attention implementations by name, selected by `config.attn_res_implementation`.
 
@@ -113,10 +146,14 @@ class DepthAttentionInterface(GeneralInterface):
     recomputation must not reuse it); `depth_modules` lists every `AttnResidual` in sublayer order.
     """
 
-    _global_mapping: dict[str, Callable] = {"eager": eager_depth_attention}
+    _global_mapping: dict[str, Callable] = {
+        "eager": eager_depth_attention,
+        # the default: the fastest implementation available here, chosen per call by the sources' device
+        "auto": fla_depth_attention if FLA_AVAILABLE else eager_depth_attention,
+        **({"fla": fla_depth_attention} if FLA_AVAILABLE else {}),
+    }
 
 
-# Optional packages providing implementations register here, inside `try:` (never required to load).
 ALL_DEPTH_ATTENTION_FUNCTIONS = DepthAttentionInterface()
 
 

@@ -1,21 +1,22 @@
 """Text in, fixed-length token blocks out: load documents, tokenise, pack with EOS between documents.
 
 Packing (no padding) keeps every token a target, so the token count of a batch is known and the loss can
-be normalised by it exactly. The train/validation split is by document, so validation text is unseen.
-Shuffling is a seeded permutation of blocks per epoch, so a resumed run sees the same order.
+be normalised by it exactly. Tokenising and packing are two batched `datasets` maps (run_clm's
+`group_texts`), cached on disk and lazy on streams, so the corpus is never held in memory. The
+train/validation split is by document, so validation text is unseen. Shuffling is a seeded permutation of
+blocks per epoch, so a resumed run sees the same order.
 """
 
 from __future__ import annotations
 
-import itertools
+import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset
 
 from ..data import EMBEDDED_CORPUS_NAME, embedded_corpus
 
@@ -29,8 +30,45 @@ def _local_files(spec: str) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_BUILDERS)
     if not files:
-        raise FileNotFoundError(f"{path} holds no {'/'.join(LOCAL_BUILDERS)} files: point --data at text data.")
+        raise ValueError(f"{path} holds no documents (no {'/'.join(LOCAL_BUILDERS)} files): point --data at text data.")
     return files
+
+
+def _is_empty(path: Path) -> bool:
+    """True when `path` holds only whitespace (reads until the first other character)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _check_local_files(files: list[Path]) -> None:
+    for f in files:
+        if f.suffix != ".parquet" and _is_empty(f):
+            what = "one document per file" if LOCAL_BUILDERS[f.suffix] == "text" else "one JSON object per line"
+            raise ValueError(f"{f} is empty: add text ({what}) or leave it out of --data.")
+
+
+def _json_error(files: list[Path], error: Exception) -> ValueError:
+    """The first line of `files` that is not a JSON object, as one clear error (datasets' names no line)."""
+    for f in files:
+        if f.suffix != ".jsonl":
+            continue
+        with open(f, encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return ValueError(f"{f}:{number}: not valid JSON ({e.msg}): fix or remove that line.")
+                if not isinstance(record, dict):
+                    return ValueError(f"{f}:{number}: not a JSON object: write one object per line, e.g. "
+                                      '{"text": "..."}.')
+    cause = error.__cause__ or error
+    return ValueError(f"could not read {', '.join(map(str, files))}: {cause}. Check that the files are valid "
+                      "JSON Lines with the same fields on every line.")
 
 
 def load_documents(
@@ -61,9 +99,15 @@ def load_documents(
         if len(builders) > 1:
             raise ValueError(f"mixed data formats {sorted(builders)}: pass files of one kind (text, json or parquet).")
         builder = builders.pop()
+        _check_local_files(files)
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                   streaming=streaming, **kwargs)
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                       streaming=streaming, **kwargs)
+        except (datasets.exceptions.DatasetGenerationError, StopIteration) as e:
+            if builder != "json":
+                raise
+            raise _json_error(files, e) from e
     else:
         if len(specs) > 1:
             raise ValueError(f"{specs}: give one Hub dataset name, or local paths that exist.")
@@ -91,74 +135,92 @@ def split_documents(ds, fraction: float, seed: int):
     """(train, validation) by document, deterministic for a seed; at least one document on each side."""
     n = len(ds)
     if n < 2:
-        raise ValueError("need at least 2 documents to hold some out: add data or pass --validation-data.")
+        raise ValueError(f"the data holds {n} document(s) and a validation split needs at least 2 (.txt/.md files "
+                         "are one document each): add documents, or pass --validation-data or "
+                         "--validation-fraction 0.")
     order = np.random.default_rng(seed).permutation(n)
     n_val = min(n - 1, max(1, round(fraction * n)))
     return ds.select(np.sort(order[n_val:])), ds.select(np.sort(order[:n_val]))
 
 
-def tokenize_and_pack(ds, tokenizer, seq_len: int, *, num_proc: int | None = None) -> torch.Tensor:
-    """Concatenate `doc + [eos]` for every document and cut into `(n_blocks, seq_len)` (remainder dropped)."""
+def pack_documents(ds, tokenizer, seq_len: int, *, num_proc: int | None = None):
+    """`ds` (documents, or a stream of them) as blocks of `seq_len` tokens: a column `input_ids`.
+
+    Two batched maps: tokenise each document and append EOS, then concatenate each batch of 1000 documents
+    and cut it into blocks, dropping the batch's remainder (run_clm's `group_texts`). On a `Dataset` both
+    are cached on disk (Arrow, memory-mapped); on an `IterableDataset` they run lazily while streaming.
+    """
+    import datasets
+
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token: set one (tokenizer.eos_token = ...) before packing.")
 
     def encode(batch):
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"ids": [x + [eos] for x in ids]}
+        return {"input_ids": [x + [eos] for x in ids]}
 
-    tokens = ds.map(encode, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
-                    desc="tokenising")
-    flat = np.fromiter(itertools.chain.from_iterable(tokens["ids"]), dtype=np.int64)
-    n_blocks = len(flat) // seq_len
-    if n_blocks == 0:
-        raise ValueError(f"the data has {len(flat)} tokens, fewer than one block of --seq-len {seq_len}.")
-    return torch.from_numpy(flat[: n_blocks * seq_len].reshape(n_blocks, seq_len).copy())
+    def group(batch):
+        flat = [t for ids in batch["input_ids"] for t in ids]
+        n = len(flat) // seq_len * seq_len
+        return {"input_ids": [flat[i:i + seq_len] for i in range(0, n, seq_len)]}
+
+    streaming = isinstance(ds, datasets.IterableDataset)
+    opts = {} if streaming else {"num_proc": num_proc}
+    tokens = ds.map(encode, batched=True, remove_columns=["text"],
+                    **opts, **({} if streaming else {"desc": "tokenising"}))
+    blocks = tokens.map(group, batched=True, **opts, **({} if streaming else {"desc": "packing"}))
+    if not streaming and len(blocks) == 0:
+        n_tokens = sum(len(x) for x in tokens["input_ids"])
+        raise ValueError(f"the data has {n_tokens} tokens, fewer than one block of --seq-len {seq_len}: add data "
+                         "or lower --seq-len.")
+    return blocks.with_format("torch")
+
+
+def tokenize_and_pack(ds, tokenizer, seq_len: int, *, num_proc: int | None = None,
+                      max_blocks: int | None = None) -> torch.Tensor:
+    """The first `max_blocks` blocks of `pack_documents` as one `(n_blocks, seq_len)` tensor (in memory: meant
+    for validation data)."""
+    blocks = pack_documents(ds, tokenizer, seq_len, num_proc=num_proc)
+    if max_blocks:
+        blocks = blocks.select(range(min(max_blocks, len(blocks))))
+    return blocks[:]["input_ids"].reshape(len(blocks), seq_len)
 
 
 class PackedBlocks(Dataset):
-    """Blocks in a fixed order; `__getitem__` gives model inputs (labels = inputs; the model shifts)."""
+    """Blocks (a tensor or a packed `Dataset`) in a fixed order; items are model inputs (labels = inputs;
+    the model shifts)."""
 
-    def __init__(self, blocks: torch.Tensor, order: torch.Tensor | None = None):
+    def __init__(self, blocks, order: torch.Tensor | None = None):
         self.blocks, self.order = blocks, order if order is not None else torch.arange(len(blocks))
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.blocks[self.order[i]]
+        ids = self.blocks[int(self.order[i])]
+        ids = ids["input_ids"] if isinstance(ids, dict) else ids
         return {"input_ids": ids, "labels": ids}
 
 
-def epoch_blocks(blocks: torch.Tensor, epoch: int, seed: int, n_use: int) -> PackedBlocks:
+def epoch_blocks(blocks, epoch: int, seed: int, n_use: int) -> PackedBlocks:
     """The first `n_use` blocks of the seeded permutation for `epoch` (same on every process and resume)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return PackedBlocks(blocks, torch.randperm(len(blocks), generator=g)[:n_use])
 
 
-class PackedStream(IterableDataset):
-    """Packs a streaming dataset on the fly (documents shuffled through a seeded buffer)."""
-
-    def __init__(self, ds, tokenizer, seq_len: int):
-        self.ds, self.tokenizer, self.seq_len = ds, tokenizer, seq_len
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        buffer: list[int] = []
-        eos = self.tokenizer.eos_token_id
-        for doc in self.ds:
-            buffer += self.tokenizer(doc["text"], add_special_tokens=False)["input_ids"] + [eos]
-            while len(buffer) >= self.seq_len:
-                ids = torch.tensor(buffer[: self.seq_len])
-                buffer = buffer[self.seq_len:]
-                yield {"input_ids": ids, "labels": ids}
+def collate_blocks(items: list[dict]) -> dict[str, torch.Tensor]:
+    """A batch of blocks (from `PackedBlocks` or a packed stream); the labels are the inputs."""
+    ids = torch.stack([x["input_ids"] for x in items])
+    return {"input_ids": ids, "labels": ids}
 
 
 @dataclass
 class TrainData:
-    """What the trainer needs: training blocks (or a stream) and validation blocks."""
+    """What the trainer needs: training blocks (a packed `Dataset`) or a packed stream, validation blocks."""
 
-    train_blocks: torch.Tensor | None
-    train_stream: PackedStream | None
+    train_blocks: object | None  # datasets.Dataset with a torch `input_ids` column
+    train_stream: object | None  # datasets.IterableDataset of the same
     val_blocks: torch.Tensor | None
     description: str
 
@@ -181,15 +243,12 @@ def build_train_data(cfg, tokenizer, main_process_first) -> TrainData:
                 val_docs = datasets.Dataset.from_list(list(docs.take(cfg.validation_documents)))
                 docs = docs.skip(cfg.validation_documents)
             docs = docs.shuffle(seed=cfg.seed, buffer_size=1000)
-            stream = PackedStream(docs, tokenizer, cfg.seq_len)
-            train_blocks = None
+            stream, train_blocks = pack_documents(docs, tokenizer, cfg.seq_len), None
         else:
             if val_docs is None and cfg.validation_fraction > 0:
                 docs, val_docs = split_documents(docs, cfg.validation_fraction, cfg.seed)
-            train_blocks, stream = tokenize_and_pack(docs, tokenizer, cfg.seq_len), None
+            train_blocks, stream = pack_documents(docs, tokenizer, cfg.seq_len), None
         val_blocks = None
         if val_docs is not None:
-            val_blocks = tokenize_and_pack(val_docs, tokenizer, cfg.seq_len)
-            if cfg.max_eval_blocks:
-                val_blocks = val_blocks[: cfg.max_eval_blocks]
+            val_blocks = tokenize_and_pack(val_docs, tokenizer, cfg.seq_len, max_blocks=cfg.max_eval_blocks)
     return TrainData(train_blocks, stream, val_blocks, describe_data(cfg.data))

@@ -32,19 +32,40 @@ def _clean(value):
 
 
 class MetricsLog:
-    """Logs dicts of numbers under a step: JSONL on the main process, plus the Accelerate trackers."""
+    """Logs dicts of numbers under a step: JSONL on the main process, plus the Accelerate trackers.
+
+    The file holds each (kind, step) once: a resumed run that logs a step again replaces the old record.
+    """
 
     def __init__(self, accelerator, path: str | Path, echo=print):
         self.accelerator, self.path, self.echo = accelerator, Path(path), echo
+        self._logged: set[tuple[str, int]] = set()
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.is_file():
+                self._logged = {(r["kind"], r["step"]) for r in read_metrics(self.path)}
+
+    def truncate(self, step: int) -> None:
+        """Drop the records logged after `step` (a run resumed from that step logs them again)."""
+        if self.accelerator.is_main_process and self.path.is_file():
+            self._rewrite(lambda r: r["step"] <= step)
+
+    def _rewrite(self, keep) -> None:
+        kept = [r for r in read_metrics(self.path) if keep(r)]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(self.path)
+        self._logged = {(r["kind"], r["step"]) for r in kept}
 
     def log(self, kind: str, step: int, values: dict, *, console: str | None = None) -> None:
         if self.accelerator.is_main_process:
+            if (kind, step) in self._logged:
+                self._rewrite(lambda r: (r["kind"], r["step"]) != (kind, step))
             record = {"kind": kind, "step": step, "time": round(time.time(), 3)}
             record.update({k: _clean(v) for k, v in values.items()})
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            self._logged.add((kind, step))
             if console:
                 self.echo(console)
         if self.accelerator.trackers:

@@ -65,18 +65,40 @@ def resolve_model_source(cfg, converted_dir: Path, is_main: bool) -> ModelSource
     return ModelSource(path=str(converted_dir), base_model=src)
 
 
-def load_model(path: str, dtype: str | None = None):
-    """(AttnResForCausalLM, tokenizer) from an AttnRes folder or Hub id, fp32 unless `dtype` is given."""
+def load_model(path: str, dtype: str | torch.dtype | None = None, *, device: str | None = None,
+               tokenizer: str | None = None, trust_remote_code: bool = False, attnres_only: bool = True):
+    """(model, tokenizer) from a model folder or Hub id: the package's one loader (training, evaluation,
+    the run job, inspection).
+
+    `dtype`: float32 (default), bfloat16, float16, or "auto" (the stored dtype), parsed by the converter's
+    `parse_dtype`; `device`: "auto" (CUDA when available) or a device, default left on the CPU;
+    `tokenizer`: another folder/id for the tokenizer; `attnres_only`: refuse non-AttnRes models.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hf_attnres  # noqa: F401  (registers the Auto classes)
 
-    torch_dtype = parse_dtype(dtype) or torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    if getattr(model.config, "model_type", None) != "attnres":
-        raise ValueError(f"{path} is a {model.config.model_type!r} model, not AttnRes.")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    local = Path(os.path.expanduser(path))
+    looks_local = str(path).startswith((".", "/", "~")) or str(path).count("/") > 1 or "\\" in str(path)
+    if looks_local and not local.exists():
+        raise FileNotFoundError(f"model folder {path} does not exist: pass a model folder or a Hub id.")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: it is not a transformers model folder.")
+    torch_dtype = "auto" if str(dtype).lower() == "auto" else parse_dtype(dtype) or torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load model {path}: {e}") from e
+    if attnres_only and getattr(model.config, "model_type", None) != "attnres":
+        raise ValueError(f"{path} is a {model.config.model_type!r} model, not AttnRes: convert it first "
+                         "(hf-attnres convert).")
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer or path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not load a tokenizer from {tokenizer or path} ({e}): pass --tokenizer.") from e
+    if device is not None:
+        model = model.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    return model, tok
 
 
 def apply_train_mode(model, cfg):

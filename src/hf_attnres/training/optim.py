@@ -1,4 +1,4 @@
-"""AdamW with two parameter groups and the learning-rate schedules.
+"""AdamW with two parameter groups and the learning-rate schedules (transformers' `get_scheduler`).
 
 The pseudo-queries start at zero in a converted model and are the only new parameters, so they get their
 own, higher learning rate; like norms, they (and the key-norm weights) get no weight decay, which would
@@ -6,8 +6,6 @@ pull the routing back towards uniform.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -38,30 +36,57 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
 
 
-def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float, decay_ratio: float) -> float:
-    """Multiplier of the peak learning rate at `step` (0-based optimizer steps).
-
-    Linear warmup, then cosine to `min_ratio`; or WSD (warmup-stable-decay): flat, then a linear decay to
-    `min_ratio` over the last `decay_ratio` of the steps; or constant.
-    """
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    if kind == "cosine":
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_steps = max(1, round(decay_ratio * total))
-    decay_start = total - decay_steps
-    if step < decay_start:
-        return 1.0
-    return 1.0 - (1.0 - min_ratio) * min(1.0, (step - decay_start + 1) / decay_steps)
+def schedule_horizon(cfg, total_steps: int) -> int:
+    """The schedule's length in steps: `cfg.schedule_steps`, else the run's total steps."""
+    return cfg.schedule_steps or total_steps
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> LambdaLR:
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
+    """`transformers.get_scheduler` for `cfg.scheduler`, over `schedule_horizon(cfg, total_steps)` steps.
 
+    cosine: linear warmup from 0, cosine to `min_lr_ratio` ("cosine_with_min_lr"); wsd: warmup from
+    `min_lr_ratio`, flat, then a linear decay to `min_lr_ratio` over the last `decay_ratio` of the horizon
+    ("warmup_stable_decay"); constant: linear warmup, then flat ("constant_with_warmup"). Past the horizon
+    (a run continued with `schedule_steps` kept) the factor stays at its end value: transformers' cosine
+    would climb back up, so the step is clamped to the horizon.
+    """
+    from transformers import get_scheduler
+
+    horizon = schedule_horizon(cfg, total_steps)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * horizon)
+    if cfg.scheduler == "cosine":
+        name, extra = "cosine_with_min_lr", {"min_lr_rate": cfg.min_lr_ratio}
+    elif cfg.scheduler == "wsd":
+        decay = max(1, round(cfg.decay_ratio * horizon))
+        name = "warmup_stable_decay"
+        extra = {"num_decay_steps": decay, "num_stable_steps": max(0, horizon - warmup - decay),
+                 "min_lr_ratio": cfg.min_lr_ratio, "decay_type": "linear"}
+    else:
+        name, extra = "constant_with_warmup", {}
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=None if cfg.scheduler == "wsd" else horizon,
+                              scheduler_specific_kwargs=extra)
+    scheduler.lr_lambdas = [_clamped(f, horizon) for f in scheduler.lr_lambdas]
+    return scheduler
+
+
+def _clamped(fn, horizon: int):
+    """`fn` evaluated at min(step, horizon). A plain function on purpose: LambdaLR's state_dict skips
+    functions, so a resumed run uses the schedule built now, not the one pickled in the checkpoint."""
     def factor(step: int) -> float:
-        return lr_factor(step, total_steps, warmup, cfg.scheduler, cfg.min_lr_ratio, cfg.decay_ratio)
+        return fn(min(step, horizon))
 
-    return LambdaLR(optimizer, factor)
+    return factor
+
+
+def schedule_lr(cfg, horizon: int, step: int) -> float:
+    """The backbone learning rate at 0-based step `step` of `cfg`'s schedule over `horizon` steps."""
+    from dataclasses import replace
+
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    return lr_at(build_scheduler(probe, replace(cfg, schedule_steps=horizon), horizon), step)
+
+
+def lr_at(scheduler: LambdaLR, step: int, group: int = 0) -> float:
+    """The learning rate of param group `group` for 0-based optimizer step `step`."""
+    return scheduler.base_lrs[group] * scheduler.lr_lambdas[group](step)

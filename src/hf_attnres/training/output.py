@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import hub
 from ..hub import atomic_output_dir, save_for_hub
 from ..model_card import render_model_card
 
@@ -132,8 +131,3 @@ def refresh_model_card(folder: Path, comparison: str) -> None:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
 
-
-def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, api=None) -> str:
-    """Upload a saved folder to the Hub (creating the repo); returns the commit URL."""
-    return hub.push_folder(folder, repo_id, private=private, api=api,
-                           commit_message="Upload AttnRes model trained with hf-attnres")[1]

