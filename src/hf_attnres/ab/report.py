@@ -111,8 +111,8 @@ def _markdown(result: dict, sentences: list[str], figure: Path | None) -> str:
         markdown_table(rows, header=("arm", "steps", "training tokens", "held-out loss at start",
                                      "held-out loss at end", f"minus baseline ({result['interval_level']:.0%} interval)",
                                      "tokens/s")),
-        f"Model `{result['model']}`, data {result['data']}, seed {result['seed']}, {result['batch_size']} x "
-        f"{result['grad_accum']} blocks of {result['seq_len']} tokens per step, lr {result['lr']} (AttnRes "
+        f"Model `{result['model']}`, data {result['data']}, seed {result['seed']}, batch {result['batch_size']} x "
+        f"accumulation {result['grad_accum']} blocks of {result['seq_len']} tokens per step, lr {result['lr']} (AttnRes "
         f"parameters {result['attnres_lr']}). The interval is over evaluation batches shared by the arms: it "
         "measures how precisely these two trained models were compared, not the spread over training seeds. "
         "Tokens/s is the median step of each arm, measured one arm after the other on the same machine.",
@@ -132,16 +132,18 @@ def _plot(path: Path, result: dict) -> Path | None:
         print("(no matplotlib: ab.png not drawn; pip install 'hf-attnres[plot]')")
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {arm: f"C{i}" for i, arm in enumerate(result["arms"])}  # one colour per arm in both panels
     for arm, r in result["arms"].items():
         steps = [int(s) for s in r["eval_loss"]]
-        left.plot(steps, list(r["eval_loss"].values()), marker="o", label=r["label"])
+        left.plot(steps, list(r["eval_loss"].values()), marker="o", label=r["label"], color=colors[arm])
     left.set(xlabel="optimizer step", ylabel="held-out loss", title="Held-out loss of each arm")
     left.legend()
     for arm, c in result["comparisons"].items():
         steps = [int(s) for s in c["by_step"]]
         d = list(c["by_step"].values())
-        right.plot(steps, [x["difference"] for x in d], marker="o", label=result["arms"][arm]["label"])
-        right.fill_between(steps, [x["low"] for x in d], [x["high"] for x in d], alpha=0.25)
+        right.plot(steps, [x["difference"] for x in d], marker="o", label=result["arms"][arm]["label"],
+                   color=colors[arm])
+        right.fill_between(steps, [x["low"] for x in d], [x["high"] for x in d], alpha=0.25, color=colors[arm])
     right.axhline(0.0, color="black", linewidth=0.8)
     right.set(xlabel="optimizer step", ylabel="loss minus baseline",
               title=f"Paired difference from the baseline ({result['interval_level']:.0%} interval)")

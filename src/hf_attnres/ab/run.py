@@ -14,6 +14,7 @@ report can pair them (see `stats.py`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import json
@@ -51,17 +52,6 @@ class ABConfig(TrainConfig):
         return [BASELINE, "block", "full"] if self.from_scratch else [BASELINE, self.convert_mode]
 
 
-def _source_tokenizer_and_config(model: str):
-    """(tokenizer, config) of a Llama-family folder, Hub id or .gguf file."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    if model.endswith(".gguf"):
-        path = Path(model)
-        return (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name),
-                AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
-    return AutoTokenizer.from_pretrained(model), AutoConfig.from_pretrained(model)
-
-
 def random_init(model: str, overrides_file: str, out: Path, seed: int) -> Path:
     """A randomly initialised Llama of `model`'s architecture with the overrides of a JSON file, saved to `out`."""
     import torch
@@ -77,7 +67,12 @@ def random_init(model: str, overrides_file: str, out: Path, seed: int) -> Path:
         raise ValueError(f"--from-scratch {overrides_file}: not a readable JSON file of config fields ({e}).") from e
     if not isinstance(overrides, dict):
         raise ValueError(f"--from-scratch {overrides_file}: expected a JSON object of config fields.")
-    tokenizer, config = _source_tokenizer_and_config(model)
+    from ..conversion.sources import open_source
+
+    source = open_source(model)  # the converter's reader: folders, Hub ids and .gguf files alike
+    config, tokenizer = copy.deepcopy(source.config), source.load_tokenizer()
+    if tokenizer is None:
+        raise ValueError(f"{model} has no tokenizer: --from-scratch takes MODEL's tokenizer and architecture.")
     unknown = sorted(k for k in overrides if not hasattr(config, k))
     if unknown:
         raise ValueError(f"--from-scratch {overrides_file}: {unknown} are not fields of the {config.model_type} config.")
