@@ -42,17 +42,17 @@ def test_run_converts_trains_saves_and_reloads_with_remote_code(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "held-out perplexity" in printed and str(out / "final") in printed
 
-    assert cli_main(args) == 0  # the same command again resumes the finished run: nothing is retrained
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    assert cli_main(args) == 0  # the same command again: the job is finished, nothing is redone or rewritten
     reset_accelerate()
-    again = json.loads((out / "run_summary.json").read_text())
-    assert again["perplexity_after"] == pytest.approx(summary["perplexity_after"], rel=1e-6)
-    assert "reusing the conversion" in capsys.readouterr().out
+    assert "finished its 2 steps earlier: nothing to do" in capsys.readouterr().out
+    assert files == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
 
     from hf_attnres.training import pipeline
 
     real = pipeline.generate_sample
     monkeypatch.setattr(pipeline, "generate_sample", lambda *a: {**real(*a), "tokens": [-1], "text": "elsewhere"})
-    assert cli_main([*args, "--no-inspect"]) == 2  # the reloaded folder no longer generates what this process does
+    assert cli_main([*args, "--no-inspect", "--fresh"]) == 2  # the reloaded folder no longer generates what this process does
     reset_accelerate()
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # one line, no traceback
     assert len(errors) == 1 and "does not reproduce the trained model" in errors[0] and "'elsewhere'" in errors[0]

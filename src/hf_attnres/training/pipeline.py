@@ -194,6 +194,14 @@ def run_pipeline(cfg: RunConfig) -> int:
 
     t_start = time.time()
     out = Path(cfg.output_dir).resolve()  # absolute: the reload runs in another working directory
+    finished = _finished_summary(out, cfg)
+    if finished is not None:  # a re-run of a finished job: nothing to redo (no figures, no reload, no rows)
+        _say(f"{out} finished its {cfg.steps} steps earlier: nothing to do (--steps N > {cfg.steps} continues "
+             "training, --fresh starts over). Its summary:")
+        _print_summary(finished, cfg.prompt, out)
+        if finished.get("sample_check", "identical") != "identical":
+            raise RuntimeError(finished["sample_check"])
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     source = cfg.model or str(smollm2_gguf())
     _say(f"1/7 model: {source}")
@@ -252,6 +260,16 @@ def run_pipeline(cfg: RunConfig) -> int:
     return 0
 
 
+def _finished_summary(out: Path, cfg: RunConfig) -> dict | None:
+    """The summary of an earlier run of this job that completed `cfg.steps` steps, if any (and not --fresh)."""
+    path = out / "run_summary.json"
+    if cfg.fresh or not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    final = Path(summary.get("paths", {}).get("final") or out / "final")
+    return summary if summary.get("steps") == cfg.steps and (final / "config.json").is_file() else None
+
+
 def _print_summary(s: dict, prompt: str, out: Path) -> None:
     def fmt(x):
         return "-" if x is None else f"{x:.3f}"
@@ -268,7 +286,7 @@ def _print_summary(s: dict, prompt: str, out: Path) -> None:
   greedy sample        {check}
   converted model   {s['paths']['converted']}
   final model       {s['paths']['final']}   (Hub-ready: code, auto_map, tokenizer, README.md)
-  checkpoints       {s['paths']['checkpoints']}   (re-run the same command to resume)
+  checkpoints       {s['paths']['checkpoints']}   (a re-run resumes an interrupted job; --steps N continues a finished one)
   metrics           {s['paths']['metrics']}
   depth figures     {s['paths']['inspection_before'] or '-'} , {s['paths']['inspection_after'] or '-'}
   summary           {out / 'run_summary.json'}
