@@ -6,6 +6,12 @@ when the dtype is unchanged (as fast as copying the file), chunked casts otherwi
 source's shards (split further only above `max_shard_size`), and each header is padded so the data keeps the
 source's page alignment, which keeps the copy at `cp` speed. Peak memory is a 16 MiB chunk, or for sources
 that are not safetensors (`.bin`, GGUF) what their loader holds.
+
+Why not `safetensors.torch.load_file` + `huggingface_hub.save_torch_state_dict`: they hold the whole state dict
+before writing. `benchmarks/convert.py` (SmolLM2-135M fp32, 538 MB, 2026-12-06, 2 shared cores) measured the
+same time (one file: 0.41 s here, 0.42 s the library route; 64 MB shards: 0.38 s vs 0.32 s) but extra peak
+memory of 9 MB here against 547 MB (the whole model) for the library route: a 70B checkpoint converts here on a
+machine that cannot hold it.
 """
 
 from __future__ import annotations
