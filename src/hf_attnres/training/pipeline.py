@@ -198,7 +198,7 @@ def run_pipeline(cfg: RunConfig) -> int:
     if finished is not None:  # a re-run of a finished job: nothing to redo (no figures, no reload, no rows)
         _say(f"{out} finished its {cfg.steps} steps earlier: nothing to do (--steps N > {cfg.steps} continues "
              "training, --fresh starts over). Its summary:")
-        _print_summary(finished, cfg.prompt, out)
+        _print_summary(finished, cfg.prompt, out, step_line=False)
         if finished.get("sample_check", "identical") != "identical":
             raise RuntimeError(finished["sample_check"])
         return 0
@@ -270,11 +270,12 @@ def _finished_summary(out: Path, cfg: RunConfig) -> dict | None:
     return summary if summary.get("steps") == cfg.steps and (final / "config.json").is_file() else None
 
 
-def _print_summary(s: dict, prompt: str, out: Path) -> None:
+def _print_summary(s: dict, prompt: str, out: Path, step_line: bool = True) -> None:
     def fmt(x):
         return "-" if x is None else f"{x:.3f}"
 
-    _say("7/7 done")
+    if step_line:
+        _say("7/7 done")
     check = ("the same with and without the KV cache, and in this process" if s["sample_check"] == "identical"
              else "DIFFERS (see the error below)")
     print(f"""
