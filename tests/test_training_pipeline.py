@@ -48,6 +48,12 @@ def test_run_converts_trains_saves_and_reloads_with_remote_code(tmp_path, capsys
     assert "finished its 2 steps earlier: nothing to do" in capsys.readouterr().out
     assert files == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
 
+    longer = [a if a != "2" or args[i - 1] != "--steps" else "3" for i, a in enumerate(args)]
+    assert cli_main([*longer, "--schedule-steps", "2", "--no-inspect"]) == 0  # a finished job continued
+    reset_accelerate()
+    assert "continuing from step 2 to 3: the cosine schedule keeps its horizon of 2 steps" in capsys.readouterr().out
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 3
+
     from hf_attnres.training import pipeline
 
     real = pipeline.generate_sample

@@ -65,6 +65,7 @@ tokens/s there), longer when the CPU is shared.
     eval_blocks: int = arg(24, "held-out blocks evaluated before and after training", group=DATA)
     train_mode: str = _field("train_mode")
     steps: int = arg(40, "optimizer steps", aliases=["--max-steps"], group=OPTIM)
+    schedule_steps: int | None = _field("schedule_steps")
     batch_size: int = _field("batch_size")
     grad_accum: int = _field("grad_accum")
     lr: float = _field("lr")
@@ -221,7 +222,8 @@ def run_pipeline(cfg: RunConfig) -> int:
     train_cfg = TrainConfig(
         model=str(out / "converted"), output_dir=str(out), data=cfg.data, seq_len=cfg.seq_len,
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.steps, lr=cfg.lr,
-        attnres_lr=cfg.attnres_lr, warmup_steps=max(1, cfg.steps // 8), train_mode=cfg.train_mode,
+        attnres_lr=cfg.attnres_lr, schedule_steps=cfg.schedule_steps,
+        warmup_steps=max(1, (cfg.schedule_steps or cfg.steps) // 8), train_mode=cfg.train_mode,
         max_eval_blocks=cfg.eval_blocks, mixed_precision=cfg.mixed_precision, save_every=cfg.save_every,
         keep_last=cfg.keep_last, eval_every=0, log_every=5, resume=None if cfg.fresh else "latest",
         push_to_hub=cfg.push_to_hub, report_to="auto",
