@@ -10,8 +10,8 @@ where the sources are the token embedding and every earlier sublayer output (Ful
 sums of those outputs (Block AttnRes). Everything else is the Llama decoder, reused from transformers.
 
 `depth_attention` is that equation, the reference implementation (`attn_res_implementation="eager"`); others
-register by name in `DepthAttentionInterface`, as attention backends do in `AttentionInterface`. The default,
-`"auto"`, runs fla-core's fused kernel on CUDA when that package is installed, the reference otherwise.
+register by name in `DepthAttentionInterface`, as attention backends do in `AttentionInterface` (`import
+hf_attnres` adds the package's). The default, `"auto"`, is fla-core's kernel on CUDA where installed, else this.
 Hub-portable: imports only torch, transformers, the standard library and the config file beside it.
 """
 
@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -60,10 +59,6 @@ ATTN_RES_MODULE_NAMES = ["self_attn_res", "mlp_res", "final_res"]
 
 
 # ---- Depth attention (spec §2) ----
-# Inference on at most this many tokens (a decoding step) stacks the sources: see `depth_attention`.
-STACKED_MAX_TOKENS = 64
-
-
 def key_logits(value: torch.Tensor, query: torch.Tensor, eps: float) -> torch.Tensor:
     """w . RMSNorm(v) per source, as (w * gamma) . v / rms(v): RMSNorm(v) = gamma * v / rms(v), so the key norm's
     weight folds into the query (`query = w * gamma`) and no normalised key is materialised."""
@@ -76,20 +71,11 @@ def depth_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha_i = softmax_i(w . RMSNorm(v_i)) over the sources; returns h = sum_i alpha_i v_i and alpha.
 
-    Logits, softmax and the sum are fp32 whatever the model dtype; the values stay raw. The same arithmetic in
-    two arrangements, for the two costs that matter. Source by source (training, prompts): under autograd each op
-    keeps only the source itself (alive anyway) and per-token scalars, never a stacked or normalised copy, so
-    training memory stays Llama's (in fp32; under bf16 the fp32 casts are kept too), and each source is read a
-    few times in all. Stacked (inference on a few tokens, i.e. decoding): a dozen ops per sublayer whatever the
-    number of sources, where a token's cost is the ops' fixed cost (benchmarks/RESULTS.md has the figures).
+    Logits, softmax and the sum are fp32 whatever the model dtype; the values stay raw. Source by source: under
+    autograd each op keeps only the source itself (alive anyway) and per-token scalars, never a stacked or
+    normalised copy, so training memory stays Llama's (in fp32; under bf16 the fp32 casts are kept too).
     """
     dtype = torch.promote_types(sources[0].dtype, torch.float32)
-    if not torch.is_grad_enabled() and sources[0][..., 0].numel() <= STACKED_MAX_TOKENS:
-        # products and sums, not matmuls: on a few tokens a BLAS call costs several times its arithmetic
-        values = torch.stack(sources, dim=-2).to(dtype)  # [..., n, d]
-        keys = F.rms_norm(values, values.shape[-1:], key_norm_weight.to(dtype), eps)
-        alpha = (keys * pseudo_query.to(dtype)).sum(-1).softmax(dim=-1)
-        return (alpha.unsqueeze(-1) * values).sum(-2).to(sources[0].dtype), alpha
     query = pseudo_query.to(dtype) * key_norm_weight.to(dtype)
     values = [value.to(dtype) for value in sources]
     alpha = torch.stack([key_logits(value, query, eps) for value in values], dim=-1).softmax(dim=-1)
@@ -106,17 +92,15 @@ def eager_depth_attention(
     return depth_attention(module.pseudo_query, module.key_norm.weight, module.key_norm.variance_epsilon, sources)
 
 
-# Optional packages providing implementations register here, inside `try:` (never required to load).
-# flash-linear-attention (`pip install fla-core`): `fla.ops.attnres.fused_attnres`, one Triton kernel per call,
-# forward and backward, fp32 inside, the sources read through pointers (no stacked copy). Found at import,
-# imported on first use on CUDA (importing fla takes seconds).
+# Optional packages providing implementations, found here so that Hub folders use them too (never required):
+# fla-core's fused Triton kernel, `fla.ops.attnres.fused_attnres`, imported by name on first use on CUDA.
 FLA_AVAILABLE = importlib.util.find_spec("fla") is not None
 FLA_DEVICES = ("cuda",)  # where its kernel runs (the tests add "cpu" under Triton's interpreter)
 
 
 @functools.cache
 def _fla_fused_attnres() -> Callable | None:
-    try:  # by name: transformers' remote-code loader would otherwise demand the package
+    try:
         return importlib.import_module("fla.ops.attnres").fused_attnres
     except Exception as error:  # installed but unusable (e.g. no working triton): the reference runs
         logger.warning(f"fla-core is installed but its AttnRes kernel does not import ({error!r}); using 'eager'.")
@@ -124,12 +108,11 @@ def _fla_fused_attnres() -> Callable | None:
 
 
 def fla_depth_attention(module: "AttnResidual", sources: list[torch.Tensor], **kwargs):
-    """`depth_attention` by fla's fused kernel where it runs (CUDA, sources of one dtype, eager mode); the
-    reference elsewhere, including under torch.compile, which fuses the reference itself. Only the key norm is
-    fused: fla's optional output norm shares the key norm's eps and cannot be the reading norm's eps / n^2."""
+    """fla's kernel where it runs (CUDA, sources of one dtype, not under torch.compile, which fuses the
+    reference); the reference elsewhere. Its output norm is not used: it cannot take the reading norm's eps/n^2."""
     usable = sources[0].device.type in FLA_DEVICES and not torch.compiler.is_compiling()
     fused = _fla_fused_attnres() if usable and len({s.dtype for s in sources}) == 1 else None
-    if fused is None:  # e.g. under autocast the embedding is fp32 and the other sources bf16
+    if fused is None:
         return eager_depth_attention(module, sources)
     h, alpha = fused(module.pseudo_query, sources, module.key_norm.weight,
                      rms_eps=module.key_norm.variance_epsilon, return_weights=True)
@@ -148,7 +131,6 @@ class DepthAttentionInterface(GeneralInterface):
 
     _global_mapping: dict[str, Callable] = {
         "eager": eager_depth_attention,
-        # the default: the fastest implementation available here, chosen per call by the sources' device
         "auto": fla_depth_attention if FLA_AVAILABLE else eager_depth_attention,
         **({"fla": fla_depth_attention} if FLA_AVAILABLE else {}),
     }

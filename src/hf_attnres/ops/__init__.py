@@ -6,8 +6,10 @@ equations (tests/test_equations.py).
 """
 
 from ..modeling.modeling_attnres import DepthAttentionInterface
+from .decoding import stacked_depth_attention
 from .two_phase import two_phase_depth_attention
 
 DepthAttentionInterface.register("two_phase", two_phase_depth_attention)
+DepthAttentionInterface.register("stacked", stacked_depth_attention)
 
-__all__ = ["two_phase_depth_attention"]
+__all__ = ["stacked_depth_attention", "two_phase_depth_attention"]
