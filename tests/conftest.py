@@ -98,3 +98,13 @@ def conv_tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@_conv_pytest.fixture()
+def fresh_accelerate():
+    """Accelerate's process-wide state reset before and after: each in-process training run starts clean."""
+    from test_training_helpers import reset_accelerate
+
+    reset_accelerate()
+    yield
+    reset_accelerate()

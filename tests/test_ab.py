@@ -13,11 +13,7 @@ from hf_attnres.ab import ABConfig, paired_difference, run_ab, student_t_quantil
 from hf_attnres.training.metrics import read_metrics
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def test_student_t_quantiles_match_the_printed_table():

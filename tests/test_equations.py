@@ -147,8 +147,12 @@ def test_training_gradients_match_equations(impl, mode, layers, size):
     weights, and the training forward is the same function."""
     extra = {"attn_res_block_size": size} if mode == "block" else {}
     model = tiny_attnres(mode, num_hidden_layers=layers, attn_res_implementation=impl, **extra).train()
-    ids = token_ids()
-    grad_out = torch.randn(*ids.shape, model.config.vocab_size)
+    assert_training_gradients_match_equations(model, token_ids(), size)
+
+
+def assert_training_gradients_match_equations(model, ids: torch.Tensor, size: int) -> None:
+    """The training forward against the transcription, and every parameter's gradient against its autograd."""
+    grad_out = torch.randn(*ids.shape, model.config.vocab_size, device=ids.device)
     params = [p for _, p in model.named_parameters()]
     logits = model(ids).logits
     reference = reference_logits(model, ids, size, True)

@@ -173,21 +173,12 @@ def test_depth_attention_module_on_cuda(impl, sublayer, dtype):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_training_gradients_on_cuda_match_equations(impl, mode, layers, size):
     """Every parameter's gradient on CUDA in fp32 (no TF32) against autograd of the transcription."""
-    from test_equations import reference_logits
+    from test_equations import assert_training_gradients_match_equations
 
     extra = {"attn_res_block_size": size} if mode == "block" else {}
     model = tiny_attnres(mode, num_hidden_layers=layers, attn_implementation="sdpa", attn_res_implementation=impl,
                          **extra).cuda().train()
-    ids = token_ids(seq=40).cuda()
-    grad_out = torch.randn(*ids.shape, model.config.vocab_size, device="cuda")
-    params = [p for _, p in model.named_parameters()]
-    logits = model(ids).logits
-    reference = reference_logits(model, ids, size, True)
-    assert (logits - reference).abs().max() < 2e-5
-    got = torch.autograd.grad((logits * grad_out).sum(), params)
-    expected = torch.autograd.grad((reference * grad_out).sum(), params)
-    for (name, _), g, e in zip(model.named_parameters(), got, expected):
-        assert (g - e).abs().max() <= 1e-4 * e.abs().max() + 1e-6, name
+    assert_training_gradients_match_equations(model, token_ids(seq=40).cuda(), size)
 
 
 @needs_cuda

@@ -15,11 +15,7 @@ from hf_attnres.training.checkpoints import list_checkpoints
 from hf_attnres.training.metrics import read_metrics
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 @pytest.fixture(scope="module")

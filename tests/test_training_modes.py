@@ -17,11 +17,7 @@ def _is_attnres(name: str) -> bool:
     return any(part in name for part in ("self_attn_res", "mlp_res", "final_res"))
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 @pytest.fixture(scope="module")

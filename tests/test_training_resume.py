@@ -23,11 +23,7 @@ def _cfg(model, data, out, **kw) -> TrainConfig:
         warmup_steps=2, validation_fraction=0.2, max_eval_blocks=4, progress=False, report_to="none", **kw)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):

@@ -104,14 +104,6 @@ def arm_config(cfg: ABConfig, arm: str, start: Path) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _finished(arm_dir: Path, cfg: ABConfig) -> bool:
-    summary = arm_dir / "final" / "training_summary.json"
-    if not summary.is_file():
-        return False
-    s = json.loads(summary.read_text())
-    return s.get("steps") == s.get("total_steps") and cfg.max_steps in (None, s.get("total_steps"))
-
-
 def run_ab(cfg: ABConfig) -> dict:
     """Train every arm (resuming unfinished ones), then write the report; returns the contents of ab.json."""
     from accelerate import PartialState
@@ -132,11 +124,8 @@ def run_ab(cfg: ABConfig) -> dict:
     say(f"[hf-attnres ab] arms: {', '.join(ARM_LABELS[a] for a in arms)}; "
         f"{'from scratch (' + cfg.from_scratch + ')' if cfg.from_scratch else 'continued pretraining'} of {model}")
     source = model
-    for arm in arms:
+    for arm in arms:  # a finished arm's `train` says so and returns (resume="latest")
         arm_dir = out / arm
-        if _finished(arm_dir, cfg):
-            say(f"[hf-attnres ab] {arm}: finished earlier ({arm_dir / 'final'}), not trained again")
-            continue
         with state.main_process_first():
             if state.is_main_process:
                 if cfg.from_scratch:

@@ -80,9 +80,7 @@ def evaluate_model(cfg: EvalConfig) -> dict:
             docs = load_documents(cfg.data, **load)
             if not cfg.all_data and not cfg.validation_split:
                 docs = split_documents(docs, cfg.validation_fraction, cfg.seed)[1]
-        blocks = tokenize_and_pack(docs, tokenizer, cfg.seq_len)
-    if cfg.max_eval_blocks:
-        blocks = blocks[: cfg.max_eval_blocks]
+        blocks = tokenize_and_pack(docs, tokenizer, cfg.seq_len, max_blocks=cfg.max_eval_blocks)
     model = accelerator.prepare(model)
     loader = accelerator.prepare_data_loader(DataLoader(PackedBlocks(blocks), batch_size=cfg.batch_size))
     batches = tqdm(loader, desc="evaluating", unit="batch", total=len(loader),
