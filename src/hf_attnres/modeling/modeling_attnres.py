@@ -59,26 +59,23 @@ ATTN_RES_MODULE_NAMES = ["self_attn_res", "mlp_res", "final_res"]
 
 
 # ---- Depth attention (spec §2) ----
-def key_logits(value: torch.Tensor, query: torch.Tensor, eps: float) -> torch.Tensor:
-    """w . RMSNorm(v) per source, as (w * gamma) . v / rms(v): RMSNorm(v) = gamma * v / rms(v), so the key norm's
-    weight folds into the query (`query = w * gamma`) and no normalised key is materialised."""
-    mean_square = torch.linalg.vector_norm(value, dim=-1).square() / value.shape[-1]
-    return (value @ query) * torch.rsqrt(mean_square + eps)
-
-
 def depth_attention(
     pseudo_query: torch.Tensor, key_norm_weight: torch.Tensor, eps: float, sources: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha_i = softmax_i(w . RMSNorm(v_i)) over the sources; returns h = sum_i alpha_i v_i and alpha.
 
-    Logits, softmax and the sum are fp32 whatever the model dtype; the values stay raw. Source by source: under
-    autograd each op keeps only the source itself (alive anyway) and per-token scalars, never a stacked or
-    normalised copy, so training memory stays Llama's (in fp32; under bf16 the fp32 casts are kept too).
+    RMSNorm(v) = gamma * v / rms(v), so w . RMSNorm(v) = (w * gamma) . v / rms(v): the key norm's weight folds
+    into the query and no normalised key is materialised. Logits, softmax and the sum are fp32 whatever the
+    model dtype; the values stay raw. Each source is read on its own (its dot with the query, its norm, its
+    share of h) and only per-token scalars are stacked: under autograd nothing keeps a stacked or normalised
+    copy of the sources, so training memory stays Llama's (in fp32; under bf16 the fp32 casts are kept too).
     """
     dtype = torch.promote_types(sources[0].dtype, torch.float32)
     query = pseudo_query.to(dtype) * key_norm_weight.to(dtype)
     values = [value.to(dtype) for value in sources]
-    alpha = torch.stack([key_logits(value, query, eps) for value in values], dim=-1).softmax(dim=-1)
+    dots, norms = zip(*[(value @ query, torch.linalg.vector_norm(value, dim=-1)) for value in values])
+    mean_squares = torch.stack(norms, dim=-1).square() / values[0].shape[-1]  # rms(v_i)^2, [..., n]
+    alpha = (torch.stack(dots, dim=-1) * torch.rsqrt(mean_squares + eps)).softmax(dim=-1)
     weights = alpha.unsqueeze(-1).unbind(dim=-2)
     h = weights[0] * values[0]
     for weight, value in zip(weights[1:], values[1:]):

@@ -25,8 +25,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modeling.modeling_attnres import key_logits
-
 
 class BlockPhase1(torch.autograd.Function):
     """Queries [S, d] (fp32) over sources [..., d] -> (mixed [..., S, d], lse [..., S], weights [..., n, S]).
@@ -121,7 +119,7 @@ def two_phase_depth_attention(
 
     # phase 2: merge the block's partial sum by an online softmax
     partial = sources[-1].to(dtype)
-    logit = key_logits(partial, _query(module, dtype), eps)
+    logit = (partial @ _query(module, dtype)) * torch.rsqrt(partial.pow(2).mean(-1) + eps)
     total = torch.logaddexp(lse, logit)
     kept, new = (lse - total).exp(), (logit - total).exp()
     h = kept.unsqueeze(-1) * mixed + new.unsqueeze(-1) * partial
