@@ -124,12 +124,13 @@ def run_ab(cfg: ABConfig) -> dict:
     say(f"[hf-attnres ab] arms: {', '.join(ARM_LABELS[a] for a in arms)}; "
         f"{'from scratch (' + cfg.from_scratch + ')' if cfg.from_scratch else 'continued pretraining'} of {model}")
     source = model
+    with state.main_process_first():
+        if state.is_main_process and cfg.from_scratch:  # one initialisation for every arm
+            source = str(random_init(model, cfg.from_scratch, out / "init", cfg.seed))
     for arm in arms:  # a finished arm's `train` says so and returns (resume="latest")
         arm_dir = out / arm
         with state.main_process_first():
             if state.is_main_process:
-                if cfg.from_scratch:
-                    source = str(random_init(model, cfg.from_scratch, out / "init", cfg.seed))
                 prepare_arm(source, arm, cfg, arm_dir / "start")
         say(f"[hf-attnres ab] training arm {arm} ({ARM_LABELS[arm]}) in {arm_dir}")
         train(arm_config(cfg, arm, arm_dir / "start"))
