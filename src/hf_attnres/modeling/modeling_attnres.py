@@ -472,12 +472,5 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = [
-    "AttnResForCausalLM",
-    "AttnResModel",
-    "AttnResPreTrainedModel",
-    "AttnResDecoderLayer",
-    "AttnResidual",
-    "DepthAttentionInterface",
-    "depth_attention",
-]
+__all__ = ["AttnResForCausalLM", "AttnResModel", "AttnResPreTrainedModel", "AttnResDecoderLayer", "AttnResidual",
+           "DepthAttentionInterface", "depth_attention"]
