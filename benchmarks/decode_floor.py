@@ -27,22 +27,21 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import overhead  # noqa: E402
 
-from hf_attnres.modeling.modeling_attnres import DepthAttentionInterface, depth_attention  # noqa: E402
+from hf_attnres.modeling.modeling_attnres import DepthAttentionInterface, eager_depth_attention  # noqa: E402
 
 # Decoding calls the depth attention with 1 to 9 sources, on the prompt and on one token: 18 graphs, more than
 # dynamo's default limit of 8 recompilations, after which it would silently run the reference uncompiled.
 torch._dynamo.config.recompile_limit = 64
-compiled_depth_attention = torch.compile(depth_attention, dynamic=False)
+compiled_depth_attention = torch.compile(eager_depth_attention, dynamic=False)
 
 
-def compiled(module, sources: list[torch.Tensor], **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    return compiled_depth_attention(module.pseudo_query, module.key_norm.weight, module.key_norm.variance_epsilon,
-                                    sources)
+def compiled(module, sources: list[torch.Tensor], inv_rms=(), **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    return compiled_depth_attention(module, sources, inv_rms)
 
 
 def floor_per_source(module, sources: list[torch.Tensor], **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """A bound, not AttnRes: per source one dot and one multiply-add, the rest of the equation left out."""
-    dots = [value @ module.pseudo_query for value in sources]
+    dots = [value @ module.pseudo_query for value in sources]  # the model's 1/rms of each block left unused
     alpha = torch.stack(dots, dim=-1).softmax(dim=-1)
     weights = alpha.unsqueeze(-1).unbind(dim=-2)
     h = weights[0] * sources[0]

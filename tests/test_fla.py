@@ -141,14 +141,14 @@ def test_fla_model_matches_equations(mode, layers, size, kernel_calls):
 
 def test_fla_falls_back_to_the_reference_where_it_cannot_run(kernel_calls):
     """Mixed source dtypes (autocast: an fp32 embedding beside bf16 outputs) and torch.compile run the reference."""
-    from hf_attnres.modeling.modeling_attnres import AttnResidual, depth_attention
+    from hf_attnres.modeling.modeling_attnres import AttnResidual, eager_depth_attention
 
     config = tiny_attnres("block", attn_res_implementation="fla").config
     res = AttnResidual(config, 3)
     sources = [torch.randn(1, 2, 64), torch.randn(1, 2, 64).bfloat16()]
     h, _ = res(sources)
     assert not kernel_calls
-    torch.testing.assert_close(h, depth_attention(res.pseudo_query, res.key_norm.weight, 1e-5, sources)[0])
+    torch.testing.assert_close(h, eager_depth_attention(res, sources)[0])
     compiled = torch.compile(lambda s: res(s), fullgraph=True, backend="eager")
     compiled([torch.randn(1, 2, 64), torch.randn(1, 2, 64)])
     assert not kernel_calls

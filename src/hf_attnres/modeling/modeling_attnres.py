@@ -18,7 +18,7 @@ Hub-portable: imports only torch, transformers, the standard library and the con
 import functools
 import importlib.util
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,23 +59,30 @@ ATTN_RES_MODULE_NAMES = ["self_attn_res", "mlp_res", "final_res"]
 
 
 # ---- Depth attention (spec §2) ----
+def inverse_rms(value: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / rms(v) per token, fp32: the key RMSNorm's scale of a source. Every key norm has the model's eps, so
+    each source's is computed once, when the source is made, and shared by every sublayer that reads it."""
+    mean_square = torch.linalg.vector_norm(value, dim=-1, dtype=torch.float32).square() / value.shape[-1]
+    return torch.rsqrt(mean_square + eps)
+
+
 def depth_attention(
-    pseudo_query: torch.Tensor, key_norm_weight: torch.Tensor, eps: float, sources: list[torch.Tensor]
+    pseudo_query: torch.Tensor, key_norm_weight: torch.Tensor, sources: list[torch.Tensor], inv_rms: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha_i = softmax_i(w . RMSNorm(v_i)) over the sources; returns h = sum_i alpha_i v_i and alpha.
 
-    RMSNorm(v) = gamma * v / rms(v), so w . RMSNorm(v) = (w * gamma) . v / rms(v): the key norm's weight folds
-    into the query and no normalised key is materialised. Logits, softmax and the sum are fp32 whatever the
-    model dtype; the values stay raw. Each source is read on its own (its dot with the query, its norm, its
-    share of h) and only per-token scalars are stacked: under autograd nothing keeps a stacked or normalised
-    copy of the sources, so training memory stays Llama's (in fp32; under bf16 the fp32 casts are kept too).
+    RMSNorm(v) = gamma * v / rms(v), so w . RMSNorm(v) = (w * gamma) . v * inv_rms(v): the key norm's weight
+    folds into the query and no normalised key is materialised (`inv_rms[i]`: `inverse_rms(sources[i])`).
+    Logits, softmax and the sum are fp32 whatever the model dtype; the values stay raw. Each source is read on
+    its own (its dot with the query, its share of h) and only per-token scalars are stacked: under autograd
+    nothing keeps a stacked or normalised copy of the sources, so training memory stays Llama's (in fp32; under
+    bf16 the fp32 casts are kept too).
     """
     dtype = torch.promote_types(sources[0].dtype, torch.float32)
     query = pseudo_query.to(dtype) * key_norm_weight.to(dtype)
     values = [value.to(dtype) for value in sources]
-    dots, norms = zip(*[(value @ query, torch.linalg.vector_norm(value, dim=-1)) for value in values])
-    mean_squares = torch.stack(norms, dim=-1).square() / values[0].shape[-1]  # rms(v_i)^2, [..., n]
-    alpha = (torch.stack(dots, dim=-1) * torch.rsqrt(mean_squares + eps)).softmax(dim=-1)
+    logits = torch.stack([value @ query for value in values], dim=-1) * torch.stack(inv_rms, dim=-1)
+    alpha = logits.softmax(dim=-1)
     weights = alpha.unsqueeze(-1).unbind(dim=-2)
     h = weights[0] * values[0]
     for weight, value in zip(weights[1:], values[1:]):
@@ -84,9 +91,12 @@ def depth_attention(
 
 
 def eager_depth_attention(
-    module: "AttnResidual", sources: list[torch.Tensor], **kwargs
+    module: "AttnResidual", sources: list[torch.Tensor], inv_rms: Sequence[torch.Tensor] = (), **kwargs
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return depth_attention(module.pseudo_query, module.key_norm.weight, module.key_norm.variance_epsilon, sources)
+    """`inv_rms`: those of the leading sources the model already holds (the completed blocks); the rest here."""
+    eps = module.key_norm.variance_epsilon
+    inv_rms = [*inv_rms, *(inverse_rms(value, eps) for value in sources[len(inv_rms):])]
+    return depth_attention(module.pseudo_query, module.key_norm.weight, sources, inv_rms)
 
 
 # Optional packages providing implementations, found here so that Hub folders use them too (never required):
@@ -110,7 +120,7 @@ def fla_depth_attention(module: "AttnResidual", sources: list[torch.Tensor], **k
     usable = sources[0].device.type in FLA_DEVICES and not torch.compiler.is_compiling()
     fused = _fla_fused_attnres() if usable and len({s.dtype for s in sources}) == 1 else None
     if fused is None:
-        return eager_depth_attention(module, sources)
+        return eager_depth_attention(module, sources, **kwargs)
     h, alpha = fused(module.pseudo_query, sources, module.key_norm.weight,
                      rms_eps=module.key_norm.variance_epsilon, return_weights=True)
     return h, alpha.movedim(0, -1)  # weights [n, ...] -> [..., n]
@@ -119,9 +129,10 @@ def fla_depth_attention(module: "AttnResidual", sources: list[torch.Tensor], **k
 class DepthAttentionInterface(GeneralInterface):
     """Depth-attention implementations by name, selected by `config.attn_res_implementation`.
 
-    `fn(module, sources, depth_context, depth_modules) -> (h, alpha)` computes `depth_attention` for `module`
-    (an `AttnResidual`: `pseudo_query`, `key_norm`, `sublayer`, `config`) over `sources` (the last one the
-    partial block sum unless `module` opens a block). `depth_context` is a dict living for one forward, where
+    `fn(module, sources, inv_rms, depth_context, depth_modules) -> (h, alpha)` computes `depth_attention` for
+    `module` (an `AttnResidual`: `pseudo_query`, `key_norm`, `sublayer`, `config`) over `sources` (the last one
+    the partial block sum unless `module` opens a block); `inv_rms` holds the `inverse_rms` of the completed
+    blocks among them (empty when called on its own). `depth_context` is a dict living for one forward, where
     an implementation may share work between a block's sublayers (None under activation checkpointing, whose
     recomputation must not reuse it); `depth_modules` lists every `AttnResidual` in sublayer order.
     """
@@ -169,10 +180,10 @@ def reading_norm(config: AttnResConfig, sublayer: int) -> LlamaRMSNorm:
 class AttnResDecoderLayer(GradientCheckpointingLayer):
     """One decoder layer = two sublayers (attention, MLP), each preceded by depth attention.
 
-    The depth state is `(*blocks, partial_block)`: the completed block representations (`blocks[0]` is the
-    embedding) and the running sum of the current block's outputs, passed as separate tensors so that
-    activation checkpointing (reentrant or not) sees and trains every one of them. With standard residuals
-    (`"none"`) there are no blocks and `partial_block` is the ordinary residual stream.
+    The depth state is `(*blocks, *inv_rms, partial_block)`: the completed block representations (`blocks[0]` is
+    the embedding), their `inverse_rms`, and the running sum of the current block's outputs, passed as separate
+    tensors so that activation checkpointing (reentrant or not) sees and trains every one of them. With
+    standard residuals (`"none"`) there are no blocks and `partial_block` is the ordinary residual stream.
     """
 
     def __init__(self, config: AttnResConfig, layer_idx: int):
@@ -188,6 +199,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         self.mlp_res = AttnResidual(config, mlp_sublayer) if with_res else None
         self.attn_starts_block = config.starts_block(attn_sublayer)
         self.mlp_starts_block = config.starts_block(mlp_sublayer)
+        self.key_norm_eps = config.rms_norm_eps
 
     def forward(
         self,
@@ -198,15 +210,16 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         depth_modules: tuple["AttnResidual", ...] = (),
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor | None, ...]:
-        """Returns `(*blocks, partial_block, attn_weights, attn_alpha, mlp_alpha)`, a flat tuple. The KV cache
-        arrives in `kwargs` under the release's own name (`CACHE_ARG`) and goes on to the attention module."""
-        blocks, partial_block = list(sources[:-1]), sources[-1]
+        """Returns `(*blocks, *inv_rms, partial_block, attn_weights, attn_alpha, mlp_alpha)`, a flat tuple. The KV
+        cache arrives in `kwargs` under the release's own name (`CACHE_ARG`) and goes on to the attention module."""
+        n = len(sources) // 2
+        blocks, inv_rms, partial_block = list(sources[:n]), list(sources[n:-1]), sources[-1]
         depth = {"depth_context": depth_context, "depth_modules": depth_modules}
 
-        # attention sublayer: h = AttnRes(blocks, partial); a block boundary closes the partial sum
-        h, attn_alpha = self._depth(self.self_attn_res, blocks, partial_block, depth)
+        # attention sublayer: a block boundary closes the partial sum, then h = AttnRes(blocks, partial)
         if self.attn_starts_block:
-            blocks, partial_block = blocks + [partial_block], None
+            blocks, inv_rms, partial_block = self._close_block(blocks, inv_rms, partial_block)
+        h, attn_alpha = self._depth(self.self_attn_res, blocks, inv_rms, partial_block, depth)
         attn_out, attn_weights = self.self_attn(
             hidden_states=self.input_layernorm(h),
             attention_mask=attention_mask,
@@ -216,19 +229,24 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         partial_block = attn_out if partial_block is None else partial_block + attn_out
 
         # MLP sublayer, the same way
-        h, mlp_alpha = self._depth(self.mlp_res, blocks, partial_block, depth)
         if self.mlp_starts_block:
-            blocks, partial_block = blocks + [partial_block], None
+            blocks, inv_rms, partial_block = self._close_block(blocks, inv_rms, partial_block)
+        h, mlp_alpha = self._depth(self.mlp_res, blocks, inv_rms, partial_block, depth)
         mlp_out = self.mlp(self.post_attention_layernorm(h))
         partial_block = mlp_out if partial_block is None else partial_block + mlp_out
 
-        return (*blocks, partial_block, attn_weights, attn_alpha, mlp_alpha)
+        return (*blocks, *inv_rms, partial_block, attn_weights, attn_alpha, mlp_alpha)
+
+    def _close_block(self, blocks, inv_rms, partial_block):
+        """The partial sum becomes a block representation; its key-norm scale is computed once, here."""
+        return blocks + [partial_block], inv_rms + [inverse_rms(partial_block, self.key_norm_eps)], None
 
     @staticmethod
-    def _depth(attn_res: AttnResidual | None, blocks, partial_block, depth: dict):
+    def _depth(attn_res: AttnResidual | None, blocks, inv_rms, partial_block, depth: dict):
         if attn_res is None:  # standard residual: the sublayer reads the running sum itself
             return partial_block, None
-        return attn_res(blocks + [partial_block], **depth)
+        sources = blocks if partial_block is None else blocks + [partial_block]
+        return attn_res(sources, inv_rms=inv_rms, **depth)
 
 
 # ---- Outputs and models ----
@@ -373,13 +391,14 @@ class AttnResModel(AttnResPreTrainedModel):
         # shared work between the sublayers of one forward; none under checkpointing, which recomputes layers
         depth_context = None if checkpointing else {}
 
-        sources: tuple[torch.Tensor, ...] = (inputs_embeds,)
+        state: tuple[torch.Tensor, ...] = (inputs_embeds,)  # (*blocks, *inv_rms, partial_block), see the layer
         all_hidden, all_attn, depth = [], [], []
         for layer in self.layers[: self.config.num_hidden_layers]:
             if output_hidden_states:
+                sources = [*state[: len(state) // 2], state[-1]]
                 all_hidden.append(sum(sources[1:], sources[0]))
-            *sources, attn_weights, attn_alpha, mlp_alpha = layer(
-                *sources,
+            *state, attn_weights, attn_alpha, mlp_alpha = layer(
+                *state,
                 attention_mask=masks[layer_types[layer.layer_idx]],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
@@ -393,9 +412,11 @@ class AttnResModel(AttnResPreTrainedModel):
             depth += [a for a in (attn_alpha, mlp_alpha) if a is not None]
 
         if self.final_res is None:  # standard residuals: the stream is the one source
-            hidden_states = self.norm(sources[-1])
+            hidden_states = self.norm(state[-1])
         else:  # the final aggregation attends over every source, then the final norm reads it (spec §3)
-            h, final_alpha = self.final_res(list(sources), depth_context=depth_context, depth_modules=depth_modules)
+            n = len(state) // 2
+            h, final_alpha = self.final_res([*state[:n], state[-1]], inv_rms=state[n:-1], depth_context=depth_context,
+                                            depth_modules=depth_modules)
             hidden_states = self.norm(h)
             depth.append(final_alpha)
         if output_hidden_states:

@@ -21,7 +21,7 @@ STACKED_MAX_TOKENS = 64
 def stacked_depth_attention(module, sources: list[torch.Tensor], **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """`depth_attention` over the stacked sources when decoding (no autograd, <= 64 tokens); the reference else."""
     if torch.is_grad_enabled() or sources[0][..., 0].numel() > STACKED_MAX_TOKENS:
-        return eager_depth_attention(module, sources)
+        return eager_depth_attention(module, sources, **kwargs)
     dtype = torch.promote_types(sources[0].dtype, torch.float32)
     values = torch.stack(sources, dim=-2).to(dtype)  # [..., n, d]
     keys = F.rms_norm(values, values.shape[-1:], module.key_norm.weight.to(dtype), module.key_norm.variance_epsilon)
