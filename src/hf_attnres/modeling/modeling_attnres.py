@@ -177,6 +177,12 @@ def reading_norm(config: AttnResConfig, sublayer: int) -> LlamaRMSNorm:
 
 
 # ---- Decoder layer: the paper's pseudocode, with Llama's attention, MLP and norms ----
+def split_depth_state(state) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """`(*blocks, *inv_rms, partial_block)`, as the layers pass it on, -> `(blocks, inv_rms, partial_block)`."""
+    n = len(state) // 2
+    return list(state[:n]), list(state[n:-1]), state[-1]
+
+
 class AttnResDecoderLayer(GradientCheckpointingLayer):
     """One decoder layer = two sublayers (attention, MLP), each preceded by depth attention.
 
@@ -199,11 +205,10 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         self.mlp_res = AttnResidual(config, mlp_sublayer) if with_res else None
         self.attn_starts_block = config.starts_block(attn_sublayer)
         self.mlp_starts_block = config.starts_block(mlp_sublayer)
-        self.key_norm_eps = config.rms_norm_eps
 
     def forward(
         self,
-        *sources: torch.Tensor,
+        *state: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         depth_context: dict | None = None,
@@ -212,13 +217,12 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor | None, ...]:
         """Returns `(*blocks, *inv_rms, partial_block, attn_weights, attn_alpha, mlp_alpha)`, a flat tuple. The KV
         cache arrives in `kwargs` under the release's own name (`CACHE_ARG`) and goes on to the attention module."""
-        n = len(sources) // 2
-        blocks, inv_rms, partial_block = list(sources[:n]), list(sources[n:-1]), sources[-1]
+        blocks, inv_rms, partial_block = split_depth_state(state)
         depth = {"depth_context": depth_context, "depth_modules": depth_modules}
 
         # attention sublayer: a block boundary closes the partial sum, then h = AttnRes(blocks, partial)
         if self.attn_starts_block:
-            blocks, inv_rms, partial_block = self._close_block(blocks, inv_rms, partial_block)
+            blocks, inv_rms, partial_block = self._close_block(self.self_attn_res, blocks, inv_rms, partial_block)
         h, attn_alpha = self._depth(self.self_attn_res, blocks, inv_rms, partial_block, depth)
         attn_out, attn_weights = self.self_attn(
             hidden_states=self.input_layernorm(h),
@@ -230,16 +234,18 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
 
         # MLP sublayer, the same way
         if self.mlp_starts_block:
-            blocks, inv_rms, partial_block = self._close_block(blocks, inv_rms, partial_block)
+            blocks, inv_rms, partial_block = self._close_block(self.mlp_res, blocks, inv_rms, partial_block)
         h, mlp_alpha = self._depth(self.mlp_res, blocks, inv_rms, partial_block, depth)
         mlp_out = self.mlp(self.post_attention_layernorm(h))
         partial_block = mlp_out if partial_block is None else partial_block + mlp_out
 
         return (*blocks, *inv_rms, partial_block, attn_weights, attn_alpha, mlp_alpha)
 
-    def _close_block(self, blocks, inv_rms, partial_block):
+    @staticmethod
+    def _close_block(attn_res: AttnResidual, blocks, inv_rms, partial_block):
         """The partial sum becomes a block representation; its key-norm scale is computed once, here."""
-        return blocks + [partial_block], inv_rms + [inverse_rms(partial_block, self.key_norm_eps)], None
+        eps = attn_res.key_norm.variance_epsilon
+        return blocks + [partial_block], inv_rms + [inverse_rms(partial_block, eps)], None
 
     @staticmethod
     def _depth(attn_res: AttnResidual | None, blocks, inv_rms, partial_block, depth: dict):
@@ -395,7 +401,8 @@ class AttnResModel(AttnResPreTrainedModel):
         all_hidden, all_attn, depth = [], [], []
         for layer in self.layers[: self.config.num_hidden_layers]:
             if output_hidden_states:
-                sources = [*state[: len(state) // 2], state[-1]]
+                blocks, _, partial_block = split_depth_state(state)
+                sources = [*blocks, partial_block]
                 all_hidden.append(sum(sources[1:], sources[0]))
             *state, attn_weights, attn_alpha, mlp_alpha = layer(
                 *state,
@@ -414,8 +421,8 @@ class AttnResModel(AttnResPreTrainedModel):
         if self.final_res is None:  # standard residuals: the stream is the one source
             hidden_states = self.norm(state[-1])
         else:  # the final aggregation attends over every source, then the final norm reads it (spec §3)
-            n = len(state) // 2
-            h, final_alpha = self.final_res([*state[:n], state[-1]], inv_rms=state[n:-1], depth_context=depth_context,
+            blocks, inv_rms, partial_block = split_depth_state(state)
+            h, final_alpha = self.final_res([*blocks, partial_block], inv_rms=inv_rms, depth_context=depth_context,
                                             depth_modules=depth_modules)
             hidden_states = self.norm(h)
             depth.append(final_alpha)
